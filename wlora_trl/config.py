@@ -1,0 +1,199 @@
+"""`WeightLoraConfig`: a `peft.LoraConfig` plus the knobs of WeightLoRA.
+
+WeightLoRA (Veprikov et al., "WeightLoRA: Keep Only Necessary Adapters", ACL 2026, arXiv:2506.02724) gives
+every LoRA adapter a scalar weight omega_i. For the first T optimizer steps omega is trained by StoIHT (an SGD
+step, then hard thresholding to the K entries of largest magnitude); at step T the adapters with omega_i = 0 are
+removed and training continues as plain LoRA on the K kept adapters. WeightLoRA+ keeps K = n/2 and doubles the
+rank of the kept adapters, so the total rank equals LoRA's n * r.
+
+The config is a `LoraConfig` (its `peft_type` stays `LORA`), so `get_peft_model` and TRL's `peft_config=` accept
+it unchanged; every check runs in `__post_init__` and says what to change. Checks that need the number of
+adapters n or the run's `max_steps` live in `resolve_k` / `resolve_selection_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig
+
+# Floor for T when `selection_steps` is a fraction: the paper's ablations use T = 5, and step 1 gives omega no
+# gradient (B = 0), so fewer steps leave almost nothing to rank by.
+MIN_SELECTION_STEPS = 5
+
+# `init_lora_weights` values whose A/B initialisation the switch can redo (A random, B zero).
+SUPPORTED_INITS = (True, "gaussian")
+
+CITATION = """@inproceedings{veprikov2026weightlora,
+  title     = {WeightLoRA: Keep Only Necessary Adapters},
+  author    = {Veprikov, Andrey and others},
+  booktitle = {Proceedings of the Annual Meeting of the Association for Computational Linguistics (ACL)},
+  year      = {2026},
+  note      = {arXiv:2506.02724}
+}"""
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass: `k=True` is a typo, not "keep one adapter".
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class WeightLoraConfig(LoraConfig):
+    """LoRA config for WeightLoRA / WeightLoRA+; every `LoraConfig` field keeps its meaning.
+
+    Defaults follow the paper: K = n/2 adapters kept, T = 0.5% of the optimizer steps (at least
+    `MIN_SELECTION_STEPS`). The adapter that `save_model` exports afterwards is a stock PEFT LoRA adapter.
+    """
+
+    k: int | float = field(
+        default=0.5,
+        metadata={
+            "help": "K, the number of adapters kept at the switch. An int is a count; a float in (0, 1] is a "
+            "fraction of the n adapters, rounded down. The paper's default, and the only value WeightLoRA+ "
+            "accepts, is n/2."
+        },
+    )
+    selection_steps: int | float = field(
+        default=0.005,
+        metadata={
+            "help": "T, the number of optimizer steps during which omega is trained and thresholded; the switch "
+            "happens at the start of step T+1. An int is a step count; a float in (0, 1) is a fraction of "
+            f"max_steps, rounded up, at least {MIN_SELECTION_STEPS}. The paper uses about 0.5% of training."
+        },
+    )
+    omega_lr: float = field(
+        default=0.1,
+        metadata={
+            "help": "Step size of the plain SGD step on omega (omega <- omega - omega_lr * grad). Not scaled by the "
+            "learning-rate schedule and not clipped with the other gradients, so a long LR warm-up does not "
+            "freeze the selection."
+        },
+    )
+    plus: bool = field(
+        default=False,
+        metadata={
+            "help": "WeightLoRA+: keep K = n/2 adapters and give each rank 2r at the switch (lora_alpha doubled, so "
+            "the scaling alpha/r is unchanged), matching LoRA's total rank n*r."
+        },
+    )
+    reinit: bool = field(
+        default=True,
+        metadata={
+            "help": "Re-initialise kept adapters at the switch (A random, B zero), as the paper does. False keeps "
+            "their trained A and B and folds omega_i into B, so the model's function is unchanged by the switch."
+        },
+    )
+    selection: Literal["stoiht", "random"] = field(
+        default="stoiht",
+        metadata={
+            "help": "'stoiht': the paper's method. 'random': no omega; all adapters train as plain LoRA for T steps, "
+            "then K random ones are kept (the paper's RLoRA ablation, a baseline for the selection itself)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_weight_lora_fields()
+        self._check_lora_features()
+
+    def _check_weight_lora_fields(self) -> None:
+        if not _is_number(self.k) or self.k <= 0 or (isinstance(self.k, float) and self.k > 1):
+            raise ValueError(
+                f"k={self.k!r}: pass an int >= 1 (number of adapters to keep) or a float in (0, 1] (fraction of "
+                "all adapters), e.g. k=0.5 for the paper's default."
+            )
+        steps = self.selection_steps
+        if not _is_number(steps) or steps <= 0 or (isinstance(steps, float) and steps >= 1):
+            raise ValueError(
+                f"selection_steps={steps!r}: pass an int >= 1 (optimizer steps before the switch) or a float in "
+                "(0, 1) (fraction of max_steps), e.g. selection_steps=0.005 for the paper's default."
+            )
+        if isinstance(steps, int) and steps < 2 and self.selection == "stoiht":
+            raise ValueError(
+                f"selection_steps={steps}: at step 1 every B is zero, so omega gets no gradient and nothing can be "
+                "ranked. Use selection_steps >= 2 (the paper's ablations use 5)."
+            )
+        if not _is_number(self.omega_lr) or not math.isfinite(self.omega_lr) or self.omega_lr <= 0:
+            raise ValueError(f"omega_lr={self.omega_lr!r}: pass a positive finite step size, e.g. omega_lr=0.1.")
+        if self.selection not in ("stoiht", "random"):
+            raise ValueError(f"selection={self.selection!r}: choose 'stoiht' (the paper's method) or 'random'.")
+        if self.plus and isinstance(self.k, float) and self.k != 0.5:
+            raise ValueError(
+                f"plus=True keeps exactly half of the adapters (K = n/2) so that the doubled ranks match LoRA's "
+                f"budget; k={self.k} contradicts it. Drop k, or set plus=False to choose K freely."
+            )
+
+    def _check_lora_features(self) -> None:
+        variants = [
+            f.name
+            for f in dataclasses.fields(LoraConfig)
+            if f.metadata.get("is_lora_variant") and getattr(self, f.name, None)
+        ]
+        if variants:
+            raise ValueError(
+                f"WeightLoRA handles plain LoRA adapters only; this config enables the LoRA variant(s) {variants}. "
+                "Set them to False/None, or use peft.LoraConfig without WeightLoRA."
+            )
+        if self.init_lora_weights not in SUPPORTED_INITS:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported: the switch re-initialises kept "
+                "adapters as standard LoRA (A random, B zero). Use init_lora_weights=True (PEFT's default) or "
+                "'gaussian'."
+            )
+        unsupported = {
+            "lora_bias": self.lora_bias,
+            "target_parameters": self.target_parameters,
+            "layer_replication": self.layer_replication,
+            "use_qalora": self.use_qalora,
+        }
+        enabled = [name for name, value in unsupported.items() if value]
+        if enabled:
+            raise ValueError(
+                f"WeightLoRA does not support {enabled}: omega gates the adapter's low-rank path, which these options "
+                "change. Leave them at their defaults."
+            )
+
+    # --- resolution against the model and the run -------------------------------------------------------------
+
+    def resolve_k(self, num_adapters: int) -> int:
+        """K as a count for a model with `num_adapters` adapters; raises if it keeps none or more than exist."""
+        if self.plus:
+            k = num_adapters // 2
+            if isinstance(self.k, int) and self.k != k:
+                raise ValueError(
+                    f"plus=True keeps K = n/2 = {k} of the {num_adapters} adapters (their rank doubles to match "
+                    f"LoRA's budget), but k={self.k} was given. Drop k, or set plus=False."
+                )
+        elif isinstance(self.k, float):
+            k = math.floor(self.k * num_adapters)
+        else:
+            k = self.k
+        if k < 1:
+            raise ValueError(
+                f"k={self.k} keeps {k} of the {num_adapters} adapters. Raise k (to at least {1 / num_adapters:.3g} "
+                "as a fraction, or 1 as a count) or target more modules."
+            )
+        if k > num_adapters:
+            raise ValueError(
+                f"k={self.k} asks to keep {k} adapters but the model has only {num_adapters}. Use k <= "
+                f"{num_adapters}, or a fraction such as k=0.5."
+            )
+        return k
+
+    def resolve_selection_steps(self, max_steps: int) -> int:
+        """T as a step count for a run of `max_steps` optimizer steps; raises if the switch would never happen."""
+        if isinstance(self.selection_steps, float):
+            steps = max(math.ceil(self.selection_steps * max_steps), MIN_SELECTION_STEPS)
+        else:
+            steps = self.selection_steps
+        if steps >= max_steps:
+            raise ValueError(
+                f"selection_steps resolves to T={steps}, but the run has only max_steps={max_steps}: the switch at "
+                f"step T+1 would never happen. Train for more than {steps} steps, or pass a smaller int "
+                "selection_steps."
+            )
+        return steps

@@ -1,0 +1,277 @@
+"""`WeightLoraModel`: omega, its gates and the switch, attached to one `PeftModel`.
+
+The trainers use it; so can any training loop (plain PyTorch, accelerate):
+
+    model = get_peft_model(base_model, WeightLoraConfig(r=8, target_modules="all-linear"))
+    weight_lora = WeightLoraModel(model, max_steps=1000)          # adds omega and its gates
+    optimizer = torch.optim.AdamW(weight_lora.trainable_parameters(), lr=2e-4)   # everything but omega
+    for step in range(1, 1001):
+        loss = model(**next(batches)).loss
+        loss.backward()
+        weight_lora.omega_step()      # StoIHT on omega; a no-op after the switch
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == weight_lora.selection_steps:
+            weight_lora.switch(optimizer)  # drop, re-initialise; edits the optimizer in place
+
+omega is never in the optimizer: it gets a plain SGD step of its own (Adam would normalise away the magnitudes
+the ranking relies on) and is not touched by the LR schedule or by gradient clipping.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .config import WeightLoraConfig
+from .selection import OmegaGates, stoiht_step
+from .surgery import (
+    adapter_parameters,
+    alpha_for_rank,
+    drop_adapter,
+    rebuild_adapter,
+    retarget_optimizer,
+    stock_lora_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One adapter's fate: its module, final omega (None without omega), whether kept, rank after the switch."""
+
+    module: str
+    omega: float | None
+    kept: bool
+    rank: int
+
+
+class WeightLoraModel:
+    """Owns WeightLoRA's state for a `PeftModel` whose single adapter was made from a `WeightLoraConfig`.
+
+    Adapter i (the i-th LoRA module in `model.named_modules()` order) is gated by `omega[i]`. Pass `max_steps`
+    (or call `set_max_steps`) when `selection_steps` is a fraction.
+    """
+
+    def __init__(self, model: PeftModel, max_steps: int | None = None) -> None:
+        if not isinstance(model, PeftModel):
+            raise TypeError(
+                f"WeightLoraModel needs a peft.PeftModel, got {type(model).__name__}. Wrap the model first: "
+                "get_peft_model(model, WeightLoraConfig(...))."
+            )
+        if len(model.peft_config) != 1:
+            raise ValueError(
+                f"The model has {len(model.peft_config)} adapters ({sorted(model.peft_config)}); WeightLoRA selects "
+                "within a single adapter. Delete the others (model.delete_adapter(name)) before training."
+            )
+        (self.adapter_name, config), = model.peft_config.items()
+        if not isinstance(config, WeightLoraConfig):
+            raise TypeError(
+                f"The adapter {self.adapter_name!r} was made from {type(config).__name__}; use "
+                "wlora_trl.WeightLoraConfig (a drop-in for peft.LoraConfig) so WeightLoRA knows K and T."
+            )
+        self.model = model
+        self.config: WeightLoraConfig = config
+        self.base = model.base_model.model  # PEFT's module names (target_modules) are relative to this
+        layers = [
+            (name, module)
+            for name, module in self.base.named_modules()
+            if isinstance(module, LoraLayer) and self.adapter_name in module.lora_A
+        ]
+        if not layers:
+            raise ValueError(
+                "The model has no LoRA layers on linear modules, so there is nothing to select. Check "
+                "target_modules (e.g. target_modules='all-linear')."
+            )
+        self.module_names = [name for name, _ in layers]
+        self.num_adapters = len(layers)
+        self.k = config.resolve_k(self.num_adapters)
+        self.selection_steps: int | None = None
+        self.switched = False
+        self.adapters: list[AdapterInfo] | None = None  # filled by the switch
+        self.gates: OmegaGates | None = None
+        if config.selection == "stoiht":
+            lora_a = [module.lora_A[self.adapter_name] for _, module in layers]
+            device = next(lora_a[0].parameters()).device
+            self.gates = OmegaGates(model, lora_a, device)
+        if max_steps is not None:
+            self.set_max_steps(max_steps)
+
+    # --- the selection phase --------------------------------------------------------------------------------
+
+    @property
+    def omega(self) -> nn.Parameter | None:
+        return self.gates.omega if self.gates is not None else None
+
+    def set_max_steps(self, max_steps: int) -> int:
+        """Resolve T for a run of `max_steps` optimizer steps (raises if the switch would never happen)."""
+        self.selection_steps = self.config.resolve_selection_steps(max_steps)
+        return self.selection_steps
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter except omega: what an optimizer should get."""
+        omega = self.omega
+        return [p for p in self.model.parameters() if p.requires_grad and p is not omega]
+
+    def take_omega_grad(self) -> torch.Tensor | None:
+        """Detach omega's accumulated gradient from it (so no optimizer or clipping sees it) and return it."""
+        omega = self.omega
+        if omega is None or self.switched:
+            return None
+        grad, omega.grad = omega.grad, None
+        return grad
+
+    def omega_step(self, grad: torch.Tensor | None = None) -> bool:
+        """One StoIHT step: SGD on omega with `omega_lr`, then keep its K largest |omega_i|.
+
+        Uses omega's accumulated gradient unless `grad` is given (the trainers pass the unscaled gradient they
+        took before clipping). Call once per optimizer step. Returns whether omega changed; it does not when the
+        gradient is missing, all zero (step 1: B = 0) or not finite, and never after the switch.
+        """
+        if self.omega is None or self.switched:
+            return False
+        if grad is None:
+            grad = self.take_omega_grad()
+        return stoiht_step(self.omega, grad, self.config.omega_lr, self.k)
+
+    # --- the switch ------------------------------------------------------------------------------------------
+
+    def select(self, seed: int = 0) -> list[int]:
+        """Indices of the K adapters to keep: nonzero omega (ties by index), or K random ones."""
+        if self.omega is None:
+            return sorted(random.Random(seed).sample(range(self.num_adapters), self.k))
+        omega = self.omega.detach()
+        if bool(omega.eq(1).all()):
+            logger.warning(
+                "WeightLoRA: omega never moved during the %s selection steps (no gradient reached it), so the "
+                "kept adapters are simply the first %d by index. Check that the adapters are trained.",
+                self.selection_steps,
+                self.k,
+            )
+        order = torch.sort(omega.abs(), descending=True, stable=True).indices
+        return sorted(order[: self.k].tolist())
+
+    @torch.no_grad()
+    def switch(
+        self, optimizer: torch.optim.Optimizer | None = None, seed: int = 0, kept: list[int] | None = None
+    ) -> list[AdapterInfo]:
+        """Freeze the selection and turn the model into plain LoRA on the kept adapters.
+
+        Dropped adapters become base layers; kept ones are re-initialised (or keep their weights with omega
+        folded into B, `reinit=False`) at rank r, or 2r for WeightLoRA+. omega and its gates are removed and the
+        adapter's config becomes a stock `LoraConfig`. With `optimizer`, it is edited in place to hold exactly
+        the remaining trainable parameters. `seed` fixes the re-initialisation (and the random selection)
+        without touching the global RNG; `kept` overrides the selection (used when resuming a checkpoint).
+        """
+        if self.switched:
+            raise RuntimeError("WeightLoRA: the switch already happened; the model is plain LoRA now.")
+        kept = self.select(seed) if kept is None else sorted(kept)
+        kept_set = set(kept)
+        omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
+        if self.gates is not None:
+            self.gates.remove()
+
+        cfg = self.config
+        replacements: dict[int, list[nn.Parameter]] = {}
+        infos, ranks, alphas = [], {}, {}
+        # A private, seeded RNG stream: the result depends on `seed` only, is the same on every DDP rank, and
+        # training randomness after the switch (dropout, data order) is what it would have been without it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for index, name in enumerate(self.module_names):
+                layer: LoraLayer = self.base.get_submodule(name)
+                old_params = adapter_parameters(layer, self.adapter_name)
+                if index not in kept_set:
+                    drop_adapter(self.base, name)
+                    replacements.update({id(p): [] for p in old_params})
+                    infos.append(AdapterInfo(name, omega[index], kept=False, rank=0))
+                    continue
+                old_rank = layer.r[self.adapter_name]
+                rank = 2 * old_rank if cfg.plus else old_rank
+                alpha = alpha_for_rank(layer.lora_alpha[self.adapter_name], old_rank, rank, cfg.use_rslora)
+                rebuild_adapter(
+                    layer,
+                    self.adapter_name,
+                    cfg,
+                    rank=rank,
+                    alpha=alpha,
+                    reinit=cfg.reinit,
+                    omega=1.0 if omega[index] is None else omega[index],
+                )
+                for old, new in zip(old_params, adapter_parameters(layer, self.adapter_name)):
+                    replacements[id(old)] = [new]
+                ranks[name], alphas[name] = rank, alpha
+                infos.append(AdapterInfo(name, omega[index], kept=True, rank=rank))
+
+        self.model.peft_config[self.adapter_name] = stock_lora_config(cfg, list(ranks), ranks, alphas)
+        if optimizer is not None:
+            retarget_optimizer(optimizer, replacements)
+        self.switched = True
+        self.adapters = infos
+        logger.info(
+            "WeightLoRA switch: kept %d of %d adapters (rank %s): %s",
+            len(kept),
+            self.num_adapters,
+            sorted(set(ranks.values())),
+            ", ".join(self.module_names[i] for i in kept),
+        )
+        return infos
+
+    # --- state for checkpoints and reports -------------------------------------------------------------------
+
+    def report(self, step: int | None = None) -> dict:
+        """Everything about the selection as plain JSON-able data (written as `selection.json`).
+
+        omega values are fp32 numbers written as Python floats, which round-trip exactly.
+        """
+        if self.switched:
+            adapters = self.adapters
+        else:
+            omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
+            adapters = [
+                AdapterInfo(name, omega[i], kept=False, rank=self.base.get_submodule(name).r[self.adapter_name])
+                for i, name in enumerate(self.module_names)
+            ]
+        cfg = self.config
+        return {
+            "method": "random" if cfg.selection == "random" else ("WeightLoRA+" if cfg.plus else "WeightLoRA"),
+            "adapter_name": self.adapter_name,
+            "n": self.num_adapters,
+            "k": self.k,
+            "selection_steps": self.selection_steps,
+            "switched": self.switched,
+            "step": step,
+            "omega_lr": cfg.omega_lr,
+            "reinit": cfg.reinit,
+            "adapters": [
+                {"index": i, "module": a.module, "omega": a.omega, "kept": a.kept, "rank": a.rank}
+                for i, a in enumerate(adapters)
+            ],
+        }
+
+    def restore(self, report: dict) -> None:
+        """Return to the state a `report()` describes (resuming a checkpoint), before its weights are loaded."""
+        names = [a["module"] for a in report["adapters"]]
+        if names != self.module_names or report["k"] != self.k:
+            raise ValueError(
+                "The checkpoint's selection.json describes other adapters (modules or K differ) than this model "
+                "and config; resume with the same model, target_modules and k."
+            )
+        self.selection_steps = report["selection_steps"]
+        if report["switched"]:
+            kept = [a["index"] for a in report["adapters"] if a["kept"]]
+            self.switch(kept=kept)
+            # The switch recorded the omega of this fresh model; keep the checkpoint's record instead.
+            self.adapters = [
+                AdapterInfo(a["module"], a["omega"], a["kept"], a["rank"]) for a in report["adapters"]
+            ]
+        elif self.omega is not None:
+            values = [a["omega"] for a in report["adapters"]]
+            self.omega.data.copy_(torch.tensor(values, dtype=torch.float32))

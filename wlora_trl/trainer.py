@@ -1,0 +1,197 @@
+"""WeightLoRA as drop-in trainers: `WeightLoraSFTTrainer` (TRL) and `WeightLoraTrainer` (transformers).
+
+Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `LoraConfig` ->
+`WeightLoraConfig`. What the trainers add to a normal run:
+
+- Steps 1..T: every adapter trains, gated by omega; after each optimizer step omega takes a StoIHT step
+  (SGD with `omega_lr`, then hard thresholding to K entries). omega's gradient is taken out before gradient
+  clipping and the optimizer see it, and is unscaled for fp16; a step the GradScaler skips skips omega too.
+- Start of step T+1: the switch. Dropped adapters become base layers, kept ones are re-initialised (rank 2r with
+  WeightLoRA+), omega disappears, and the optimizer is edited in place, so the LR schedule carries on unchanged.
+  The kept count is logged (`weight_lora/kept_adapters`) with the next regular log line.
+- `save_model` writes a stock PEFT LoRA adapter plus `selection.json`; checkpoints carry `selection.json` too, so
+  resuming before, at or after T continues the same run.
+
+Limits: one process (DDP, FSDP and DeepSpeed are refused), one adapter, plain LoRA on linear layers (no DoRA or
+other variants), `load_best_model_at_end` refused (checkpoints on either side of the switch differ in structure).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from transformers import Trainer
+
+from .config import WeightLoraConfig
+from .model import WeightLoraModel
+from .report import read_selection, write_selection
+from .surgery import innermost_optimizer
+
+try:  # TRL is a dependency, but keep `WeightLoraTrainer` importable without it.
+    from trl import SFTTrainer
+except ImportError:  # pragma: no cover
+    SFTTrainer = None
+
+
+def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
+    """Refuse configs WeightLoRA cannot use, before the parent trainer spends time building anything."""
+    if peft_config is None:
+        if isinstance(model, PeftModel):
+            return  # WeightLoraModel checks the adapter's config
+        raise ValueError(
+            "WeightLoRA needs LoRA adapters: pass peft_config=WeightLoraConfig(...), or a model already wrapped "
+            "with get_peft_model(model, WeightLoraConfig(...))."
+        )
+    if not isinstance(peft_config, WeightLoraConfig):
+        raise TypeError(
+            f"peft_config is a {type(peft_config).__name__}; WeightLoRA needs wlora_trl.WeightLoraConfig, a drop-in "
+            "for peft.LoraConfig that takes the same arguments plus k, selection_steps, omega_lr, plus, reinit."
+        )
+
+
+class WeightLoraMixin:
+    """Adds WeightLoRA to a `transformers.Trainer` subclass. Call `_setup_weight_lora()` at the end of `__init__`."""
+
+    weight_lora: WeightLoraModel
+
+    def _setup_weight_lora(self) -> None:
+        args = self.args
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "WeightLoRA does not support DeepSpeed or FSDP yet: they shard the parameters that the switch at "
+                "step T rebuilds. Supported: a single process on CPU or one GPU. Remove the deepspeed/fsdp settings."
+            )
+        if args.world_size > 1:
+            raise ValueError(
+                f"WeightLoRA runs in a single process for now (this run has world_size={args.world_size}): adapters "
+                "re-created at the switch would not be synchronised by the existing DDP wrapper. Launch one process."
+            )
+        if args.load_best_model_at_end:
+            raise ValueError(
+                "load_best_model_at_end=True is not supported: checkpoints before and after the switch at step T "
+                "hold different adapter structures. Set it to False and pick a checkpoint by its metrics."
+            )
+        self.weight_lora = WeightLoraModel(self.model)
+        if args.max_steps > 0:
+            self.weight_lora.set_max_steps(args.max_steps)  # refuse an impossible T now, not at train()
+        self._omega_grad: torch.Tensor | None = None
+        self._omega_hook = None
+        self._weight_lora_logs: dict[str, float] = {}
+
+    # --- optimizer: omega stays out of it; its step runs as the optimizer's step pre-hook ---------------------
+
+    def create_optimizer(self, model=None):
+        weight_lora = self.weight_lora
+        omega = weight_lora.omega if not weight_lora.switched else None
+        if omega is not None:
+            # The stock grouping takes every parameter that requires grad; omega must not be Adam-updated.
+            omega.requires_grad_(False)
+        try:
+            optimizer = super().create_optimizer(model)
+        finally:
+            if omega is not None:
+                omega.requires_grad_(True)
+        if self.state.max_steps > 0 and weight_lora.selection_steps is None:
+            weight_lora.set_max_steps(self.state.max_steps)
+        if omega is not None:
+            inner = innermost_optimizer(optimizer)
+            if any(p is omega for group in inner.param_groups for p in group["params"]):
+                raise ValueError(
+                    "The optimizer holds omega, which WeightLoRA updates itself by SGD. Build your optimizer from "
+                    "trainer.weight_lora.trainable_parameters()."
+                )
+            if self._omega_hook is not None:
+                self._omega_hook.remove()
+            # A step pre-hook runs once per real optimizer step, after gradients are unscaled and clipped, and not
+            # at all when the fp16 GradScaler skips the step: exactly when omega should step.
+            self._omega_hook = inner.register_step_pre_hook(self._omega_step_hook)
+        return optimizer
+
+    def _omega_step_hook(self, optimizer, args, kwargs) -> None:
+        grad, self._omega_grad = self._omega_grad, None
+        self.weight_lora.omega_step(grad)
+
+    # --- the training step: the switch at the start of step T+1, omega's gradient after the last micro-batch ---
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        weight_lora = self.weight_lora
+        if weight_lora.selection_steps is None:
+            weight_lora.set_max_steps(self.state.max_steps)
+        if not weight_lora.switched and self.state.global_step >= weight_lora.selection_steps:
+            self._switch()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not weight_lora.switched and self.accelerator.sync_gradients:
+            # Take omega's gradient before clipping sees it (its step size is omega_lr, not a clipped share of
+            # the global norm); the optimizer pre-hook applies it.
+            self._omega_grad = self._unscale(weight_lora.take_omega_grad())
+        return loss
+
+    def _unscale(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if grad is None or scaler is None or not scaler.is_enabled():
+            return grad
+        return grad.float() / scaler.get_scale()
+
+    def _switch(self) -> None:
+        if self._omega_hook is not None:
+            self._omega_hook.remove()
+            self._omega_hook = None
+        self._omega_grad = None
+        self.weight_lora.switch(self.optimizer, seed=self.args.seed)
+        self._weight_lora_logs = {
+            "weight_lora/kept_adapters": self.weight_lora.k,
+            "weight_lora/total_adapters": self.weight_lora.num_adapters,
+        }
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # The switch's numbers ride on the next regular log line, so every logging integration records them
+        # without an extra log call in the middle of a step.
+        if self._weight_lora_logs:
+            logs = {**logs, **self._weight_lora_logs}
+            self._weight_lora_logs = {}
+        super().log(logs, *args, **kwargs)
+
+    # --- saving and resuming ------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            write_selection(output_dir or self.args.output_dir, self.weight_lora.report(self.state.global_step))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Rebuild the checkpoint's structure (and omega) first: the Trainer loads adapter weights into the current
+        # structure, which after the switch has other modules and ranks than a fresh model.
+        self.weight_lora.restore(read_selection(resume_from_checkpoint))
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+class WeightLoraTrainer(WeightLoraMixin, Trainer):
+    """`transformers.Trainer` with WeightLoRA, for any task (e.g. sequence classification with an encoder).
+
+    Pass a model wrapped with `get_peft_model(model, WeightLoraConfig(...))`, or a plain model and
+    `peft_config=WeightLoraConfig(...)`. Modules in `modules_to_save` (a classifier head) train normally and are
+    not subject to selection.
+    """
+
+    def __init__(self, model=None, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
+        _check_peft_config(peft_config, model)
+        if peft_config is not None:
+            if isinstance(model, PeftModel):
+                raise ValueError("Pass either a PeftModel or peft_config, not both.")
+            model = get_peft_model(model, peft_config)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        self._setup_weight_lora()
+
+
+if SFTTrainer is not None:
+
+    class WeightLoraSFTTrainer(WeightLoraMixin, SFTTrainer):
+        """`trl.SFTTrainer` with WeightLoRA: pass `peft_config=WeightLoraConfig(...)` where you passed a LoraConfig."""
+
+        def __init__(self, model, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
+            _check_peft_config(peft_config, model)
+            super().__init__(model, args, *trainer_args, peft_config=peft_config, **kwargs)
+            self._setup_weight_lora()

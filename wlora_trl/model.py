@@ -177,6 +177,7 @@ class WeightLoraModel:
         omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
         if self.gates is not None:
             self.gates.remove()
+            self.gates = None
 
         cfg = self.config
         replacements: dict[int, list[nn.Parameter]] = {}

@@ -1,0 +1,66 @@
+"""WeightLoraConfig validation and the resolution of K and T."""
+
+import pytest
+from peft import LoraConfig
+
+from wlora_trl import WeightLoraConfig
+from wlora_trl.config import MIN_SELECTION_STEPS
+
+
+def test_is_a_lora_config_with_paper_defaults():
+    cfg = WeightLoraConfig(r=8, target_modules="all-linear")
+    assert isinstance(cfg, LoraConfig) and cfg.peft_type.value == "LORA"
+    assert (cfg.k, cfg.selection_steps, cfg.plus, cfg.reinit, cfg.selection) == (0.5, 0.005, False, True, "stoiht")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k=0), "k=0"),
+        (dict(k=-3), "k=-3"),
+        (dict(k=1.5), "k=1.5"),
+        (dict(k=True), "k=True"),
+        (dict(k="half"), "k='half'"),
+        (dict(selection_steps=0), "selection_steps=0"),
+        (dict(selection_steps=1.0), "selection_steps=1.0"),
+        (dict(selection_steps=1), "selection_steps >= 2"),
+        (dict(omega_lr=0.0), "omega_lr"),
+        (dict(omega_lr=float("nan")), "omega_lr"),
+        (dict(selection="greedy"), "selection='greedy'"),
+        (dict(plus=True, k=0.25), "plus=True keeps exactly half"),
+        (dict(use_dora=True), "use_dora"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+        (dict(lora_bias=True), "lora_bias"),
+    ],
+)
+def test_bad_fields_are_refused_with_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        WeightLoraConfig(r=8, target_modules="all-linear", **kwargs)
+
+
+def test_random_selection_accepts_one_step():
+    WeightLoraConfig(selection="random", selection_steps=1)
+
+
+def test_resolve_k():
+    assert WeightLoraConfig(k=0.5).resolve_k(30) == 15
+    assert WeightLoraConfig(k=0.5).resolve_k(7) == 3  # rounded down
+    assert WeightLoraConfig(k=4).resolve_k(30) == 4
+    assert WeightLoraConfig(plus=True).resolve_k(30) == 15
+    assert WeightLoraConfig(plus=True, k=15).resolve_k(30) == 15
+    with pytest.raises(ValueError, match="keeps 0 of the 30"):
+        WeightLoraConfig(k=0.01).resolve_k(30)
+    with pytest.raises(ValueError, match="has only 30"):
+        WeightLoraConfig(k=31).resolve_k(30)
+    with pytest.raises(ValueError, match="plus=True keeps K = n/2 = 15"):
+        WeightLoraConfig(plus=True, k=10).resolve_k(30)
+
+
+def test_resolve_selection_steps():
+    assert WeightLoraConfig(selection_steps=0.005).resolve_selection_steps(10_000) == 50
+    assert WeightLoraConfig(selection_steps=0.005).resolve_selection_steps(100) == MIN_SELECTION_STEPS
+    assert WeightLoraConfig(selection_steps=7).resolve_selection_steps(100) == 7
+    with pytest.raises(ValueError, match="max_steps=7"):
+        WeightLoraConfig(selection_steps=7).resolve_selection_steps(7)
+    with pytest.raises(ValueError, match="T=5"):
+        WeightLoraConfig(selection_steps=0.005).resolve_selection_steps(4)

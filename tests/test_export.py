@@ -1,0 +1,74 @@
+"""The exported adapter is stock PEFT LoRA: a process that never imports wlora_trl reproduces the logits."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from wlora_trl import WeightLoraConfig, WeightLoraTrainer
+
+from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+
+STOCK_RELOAD = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    base_dir, adapter_dir, ids_file, out_file = sys.argv[1:]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.load(ids_file)).logits
+    torch.save(logits, out_file)
+    assert not any(name.startswith("wlora_trl") for name in sys.modules), "stock reload imported wlora_trl"
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(), dict(plus=True), dict(rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 4}, k=10)],
+    ids=["WeightLoRA", "WeightLoRA+", "rank_pattern"],
+)
+def test_stock_peft_reload_reproduces_logits(tmp_path, extra):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    from transformers import AutoModelForCausalLM
+
+    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", selection_steps=3, **extra)
+    trainer = WeightLoraTrainer(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        cpu_args(tmp_path / "run", max_steps=6),
+        train_dataset=addition_lm_dataset(),
+        peft_config=cfg,
+    )
+    trainer.train()
+    trainer.save_model(str(adapter_dir))
+
+    ids = torch.arange(3, 35).reshape(2, 16)
+    torch.save(ids, tmp_path / "ids.pt")
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert any(name.endswith("lora_B.default.weight") and p.abs().sum() > 0 for name, p in model.named_parameters())
+
+    subprocess.run(
+        [sys.executable, "-c", STOCK_RELOAD, str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt"),
+         str(tmp_path / "logits.pt")],
+        check=True,
+    )
+    reloaded = torch.load(tmp_path / "logits.pt")
+    assert (reloaded - expected).abs().max().item() <= 1e-5
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    selection = json.loads((adapter_dir / "selection.json").read_text())
+    kept = {a["module"] for a in selection["adapters"] if a["kept"]}
+    assert config["peft_type"] == "LORA" and set(config["target_modules"]) == kept
+    assert not {"k", "selection_steps", "omega_lr", "plus", "reinit", "selection"} & set(config)
+    assert selection["n"] == 14 and selection["selection_steps"] == 3 and selection["switched"]
+    assert len(kept) == selection["k"] and all(a["rank"] == 0 for a in selection["adapters"] if not a["kept"])
+    if "rank_pattern" in extra:
+        kept_q = [name for name in kept if name.endswith("q_proj")]
+        assert {config["rank_pattern"][name] for name in kept_q} <= {2} and config["r"] == 4

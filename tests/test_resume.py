@@ -1,0 +1,60 @@
+"""Checkpoints taken before, exactly at, and after T resume to the same losses and the same selection."""
+
+import json
+
+import pytest
+import torch
+
+from wlora_trl import WeightLoraConfig, WeightLoraTrainer
+
+from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+
+T = 4
+MAX_STEPS = 8
+
+
+def _trainer(output_dir, plus=False):
+    k = 0.5 if plus else 5  # WeightLoRA+ keeps n/2 by definition
+    cfg = WeightLoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", k=k, selection_steps=T, plus=plus
+    )
+    args = cpu_args(output_dir, max_steps=MAX_STEPS, save_strategy="steps", save_steps=1, warmup_steps=2)
+    return WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
+
+
+def _losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def _kept(trainer):
+    return [a.module for a in trainer.weight_lora.adapters if a.kept]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["WeightLoRA", "WeightLoRA+"])
+def uninterrupted(request, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("full")
+    trainer = _trainer(output_dir, plus=request.param)
+    trainer.train()
+    return request.param, output_dir, trainer
+
+
+@pytest.mark.parametrize("checkpoint_step", [T - 2, T, T + 2], ids=["before_T", "at_T", "after_T"])
+def test_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted, checkpoint_step):
+    plus, output_dir, full = uninterrupted
+    checkpoint = output_dir / f"checkpoint-{checkpoint_step}"
+    selection = json.loads((checkpoint / "selection.json").read_text())
+    assert selection["switched"] == (checkpoint_step > T)
+
+    resumed = _trainer(tmp_path, plus=plus)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    full_losses = _losses(full)
+    # The resumed history starts with the checkpoint's own entries; compare the steps trained after it.
+    resumed_losses = {step: loss for step, loss in _losses(resumed).items() if step > checkpoint_step}
+    steps = range(checkpoint_step + 1, MAX_STEPS + 1)
+    assert sorted(resumed_losses) == list(steps)
+    for step in steps:
+        assert abs(resumed_losses[step] - full_losses[step]) <= 1e-6, (step, resumed_losses, full_losses)
+    assert _kept(resumed) == _kept(full)
+    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)

@@ -52,6 +52,30 @@ def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
         )
 
 
+SHARDING_UNSUPPORTED = (
+    "WeightLoRA does not support DeepSpeed or FSDP yet: they shard the parameters that the switch at step T "
+    "rebuilds. Supported: a single process on CPU or one GPU. Remove the deepspeed/fsdp settings."
+)
+
+
+def _check_training_args(args: Any) -> None:
+    """Refuse setups WeightLoRA does not support, before the parent trainer builds anything."""
+    if args is None:
+        return
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        raise ValueError(SHARDING_UNSUPPORTED)
+    if args.world_size > 1:
+        raise ValueError(
+            f"WeightLoRA runs in a single process for now (this run has world_size={args.world_size}): adapters "
+            "re-created at the switch would not be synchronised by the existing DDP wrapper. Launch one process."
+        )
+    if args.load_best_model_at_end:
+        raise ValueError(
+            "load_best_model_at_end=True is not supported: checkpoints before and after the switch at step T hold "
+            "different adapter structures. Set it to False and pick a checkpoint by its metrics."
+        )
+
+
 class WeightLoraMixin:
     """Adds WeightLoRA to a `transformers.Trainer` subclass. Call `_setup_weight_lora()` at the end of `__init__`."""
 
@@ -59,21 +83,9 @@ class WeightLoraMixin:
 
     def _setup_weight_lora(self) -> None:
         args = self.args
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "WeightLoRA does not support DeepSpeed or FSDP yet: they shard the parameters that the switch at "
-                "step T rebuilds. Supported: a single process on CPU or one GPU. Remove the deepspeed/fsdp settings."
-            )
-        if args.world_size > 1:
-            raise ValueError(
-                f"WeightLoRA runs in a single process for now (this run has world_size={args.world_size}): adapters "
-                "re-created at the switch would not be synchronised by the existing DDP wrapper. Launch one process."
-            )
-        if args.load_best_model_at_end:
-            raise ValueError(
-                "load_best_model_at_end=True is not supported: checkpoints before and after the switch at step T "
-                "hold different adapter structures. Set it to False and pick a checkpoint by its metrics."
-            )
+        _check_training_args(args)  # again: SFTTrainer may have built its own args
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # enabled by an accelerate config, not the args
+            raise ValueError(SHARDING_UNSUPPORTED)
         self.weight_lora = WeightLoraModel(self.model)
         if args.max_steps > 0:
             self.weight_lora.set_max_steps(args.max_steps)  # refuse an impossible T now, not at train()
@@ -178,6 +190,7 @@ class WeightLoraTrainer(WeightLoraMixin, Trainer):
 
     def __init__(self, model=None, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
         _check_peft_config(peft_config, model)
+        _check_training_args(args)
         if peft_config is not None:
             if isinstance(model, PeftModel):
                 raise ValueError("Pass either a PeftModel or peft_config, not both.")
@@ -193,5 +206,6 @@ if SFTTrainer is not None:
 
         def __init__(self, model, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
             _check_peft_config(peft_config, model)
+            _check_training_args(args)
             super().__init__(model, args, *trainer_args, peft_config=peft_config, **kwargs)
             self._setup_weight_lora()

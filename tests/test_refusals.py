@@ -1,0 +1,94 @@
+"""Bad input is refused before any training step, with a message that says what to change."""
+
+import pytest
+from peft import IA3Config, LoraConfig, get_peft_model
+from transformers.trainer_utils import FSDPOption
+from trl import SFTConfig
+
+from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraSFTTrainer, WeightLoraTrainer
+
+from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+
+CFG = dict(r=4, target_modules="all-linear", selection_steps=3)
+
+
+def _build(tmp_path, model=None, peft_config=None, **args):
+    model = tiny_llama() if model is None else model
+    return WeightLoraTrainer(model, cpu_args(tmp_path, **args), train_dataset=addition_lm_dataset(), peft_config=peft_config)
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (dict(k=15), "asks to keep 15 adapters but the model has only 14"),
+        (dict(k=0.05), "keeps 0 of the 14 adapters"),
+        (dict(plus=True, k=5), "plus=True keeps K = n/2 = 7"),
+        (dict(selection_steps=10), "max_steps=10"),
+    ],
+)
+def test_k_and_t_are_refused_at_construction(tmp_path, cfg, message):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        _build(tmp_path, peft_config=WeightLoraConfig(**{**CFG, **cfg}))
+
+
+def test_t_beyond_an_epoch_based_run_is_refused_before_the_first_step(tmp_path):
+    trainer = WeightLoraTrainer(
+        tiny_llama(), cpu_args(tmp_path, max_steps=-1, num_train_epochs=1),
+        train_dataset=addition_lm_dataset(rows=16), peft_config=WeightLoraConfig(**{**CFG, "selection_steps": 5}),
+    )
+    with pytest.raises(ValueError, match="only max_steps=4"):
+        trainer.train()  # 16 rows / batch 4 = 4 steps, known only once training starts
+    assert trainer.state.global_step == 0
+
+
+def test_plain_lora_config_and_missing_adapters_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="use wlora_trl.WeightLoraConfig|needs wlora_trl.WeightLoraConfig"):
+        _build(tmp_path, peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="pass peft_config=WeightLoraConfig"):
+        _build(tmp_path)
+    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    with pytest.raises(TypeError, match="was made from IA3Config"):
+        _build(tmp_path, model=ia3)
+
+
+def test_model_without_lora_layers_on_linear_modules_is_refused():
+    model = get_peft_model(tiny_llama(), WeightLoraConfig(r=4, target_modules=["embed_tokens"], selection_steps=3))
+    with pytest.raises(ValueError, match="no LoRA layers on linear modules"):
+        WeightLoraModel(model)
+
+
+def test_several_adapters_are_refused(tmp_path):
+    model = get_peft_model(tiny_llama(), WeightLoraConfig(**CFG))
+    model.add_adapter("second", WeightLoraConfig(**CFG))
+    with pytest.raises(ValueError, match="has 2 adapters"):
+        _build(tmp_path, model=model)
+
+
+def test_lora_variants_are_refused():
+    with pytest.raises(ValueError, match="use_dora"):
+        WeightLoraConfig(**CFG, use_dora=True)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("fsdp", [FSDPOption.FULL_SHARD], "does not support DeepSpeed or FSDP"),
+        ("deepspeed", {"zero_optimization": {"stage": 2}}, "does not support DeepSpeed or FSDP"),
+        ("load_best_model_at_end", True, "load_best_model_at_end=True is not supported"),
+    ],
+)
+def test_unsupported_training_setups_are_refused(tmp_path, field, value, message):
+    # TrainingArguments will not even build FSDP/DeepSpeed settings on one CPU process; set them afterwards.
+    args = cpu_args(tmp_path)
+    setattr(args, field, value)
+    with pytest.raises(ValueError, match=message):
+        WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=WeightLoraConfig(**CFG))
+
+
+def test_sft_trainer_refuses_before_building_anything(tmp_path, tokenizer):
+    args = SFTConfig(str(tmp_path), max_steps=10, use_cpu=True, bf16=False, report_to=[])
+    with pytest.raises(TypeError, match="needs wlora_trl.WeightLoraConfig"):
+        WeightLoraSFTTrainer(
+            "this-model-is-never-loaded", args=args, processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )

@@ -12,7 +12,11 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
 - `save_model` writes a stock PEFT LoRA adapter plus `selection.json`; checkpoints carry `selection.json` too, so
   resuming before, at or after T continues the same run.
 
-Limits: one process (DDP, FSDP and DeepSpeed are refused), one adapter, plain LoRA on linear layers (no DoRA or
+- DDP (`accelerate launch`, torchrun): omega's gradient is all-reduced with the others, so every rank takes the
+  same StoIHT steps; after the switch the model is re-wrapped in a new DDP, so the re-created adapters are
+  synchronised too.
+
+Limits: FSDP and DeepSpeed are refused, one adapter, plain LoRA on linear layers (no DoRA or
 other variants), `load_best_model_at_end` refused (checkpoints on either side of the switch differ in structure).
 """
 
@@ -23,6 +27,7 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from .config import WeightLoraConfig
@@ -54,7 +59,8 @@ def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
 
 SHARDING_UNSUPPORTED = (
     "WeightLoRA does not support DeepSpeed or FSDP yet: they shard the parameters that the switch at step T "
-    "rebuilds. Supported: a single process on CPU or one GPU. Remove the deepspeed/fsdp settings."
+    "rebuilds. Supported: one process, or data-parallel (DDP) through `accelerate launch` / torchrun. Remove the "
+    "deepspeed/fsdp settings."
 )
 
 
@@ -64,11 +70,6 @@ def _check_training_args(args: Any) -> None:
         return
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
         raise ValueError(SHARDING_UNSUPPORTED)
-    if args.world_size > 1:
-        raise ValueError(
-            f"WeightLoRA runs in a single process for now (this run has world_size={args.world_size}): adapters "
-            "re-created at the switch would not be synchronised by the existing DDP wrapper. Launch one process."
-        )
     if args.load_best_model_at_end:
         raise ValueError(
             "load_best_model_at_end=True is not supported: checkpoints before and after the switch at step T hold "
@@ -134,12 +135,22 @@ class WeightLoraMixin:
             weight_lora.set_max_steps(self.state.max_steps)
         if not weight_lora.switched and self.state.global_step >= weight_lora.selection_steps:
             self._switch()
+        if model is not self.model_wrapped:
+            # After a DDP re-wrap the loop still hands us the old wrapper (a local variable of the epoch loop),
+            # and its `no_sync` context, which no longer applies: forward through the new one, with its own.
+            model = self.model_wrapped
+            if not self.accelerator.sync_gradients and not self._sync_each_batch():
+                with self.accelerator.no_sync(model):
+                    return super().training_step(model, inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not weight_lora.switched and self.accelerator.sync_gradients:
             # Take omega's gradient before clipping sees it (its step size is omega_lr, not a clipped share of
             # the global norm); the optimizer pre-hook applies it.
             self._omega_grad = self._unscale(weight_lora.take_omega_grad())
         return loss
+
+    def _sync_each_batch(self) -> bool:
+        return bool(self.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False))
 
     def _unscale(self, grad: torch.Tensor | None) -> torch.Tensor | None:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -153,10 +164,32 @@ class WeightLoraMixin:
             self._omega_hook = None
         self._omega_grad = None
         self.weight_lora.switch(self.optimizer, seed=self.args.seed)
+        if isinstance(self.model_wrapped, DistributedDataParallel):
+            self.model_wrapped = self._rewrap_ddp()
         self._weight_lora_logs = {
             "weight_lora/kept_adapters": self.weight_lora.k,
             "weight_lora/total_adapters": self.weight_lora.num_adapters,
         }
+
+    def _rewrap_ddp(self) -> DistributedDataParallel:
+        """Wrap the rebuilt model in a new DDP: the old one would never all-reduce the re-created adapters.
+
+        DDP's constructor broadcasts rank 0's parameters, so every rank starts the LoRA phase from the same
+        weights. All remaining trainable parameters are used in every forward now (omega and the dropped
+        adapters are gone), so the new wrapper skips the `find_unused_parameters` search unless the user asked
+        for it.
+        """
+        accelerator, old = self.accelerator, self.model_wrapped
+        accelerator._models = [m for m in accelerator._models if m is not old]
+        handler = accelerator.ddp_handler
+        previous = handler.find_unused_parameters if handler is not None else None
+        if handler is not None:
+            handler.find_unused_parameters = bool(self.args.ddp_find_unused_parameters)
+        try:
+            return accelerator.prepare_model(self.model)
+        finally:
+            if handler is not None:
+                handler.find_unused_parameters = previous
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # The switch's numbers ride on the next regular log line, so every logging integration records them

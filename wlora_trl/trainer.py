@@ -118,13 +118,18 @@ class WeightLoraMixin:
                 )
             if self._omega_hook is not None:
                 self._omega_hook.remove()
-            # A step pre-hook runs once per real optimizer step, after gradients are unscaled and clipped, and not
-            # at all when the fp16 GradScaler skips the step: exactly when omega should step.
+            # A step pre-hook runs once per optimizer step, after gradients are unscaled and clipped.
             self._omega_hook = inner.register_step_pre_hook(self._omega_step_hook)
         return optimizer
 
     def _omega_step_hook(self, optimizer, args, kwargs) -> None:
         grad, self._omega_grad = self._omega_grad, None
+        # On an fp16 overflow the GradScaler skips `optimizer.step()`, and this hook with it, except for optimizers
+        # that handle scaling themselves (fused AdamW, the Trainer's default): those are stepped anyway with
+        # `found_inf` set on them and skip the update inside their kernel. omega must skip too.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
         self.weight_lora.omega_step(grad)
 
     # --- the training step: the switch at the start of step T+1, omega's gradient after the last micro-batch ---

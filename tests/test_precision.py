@@ -1,0 +1,161 @@
+"""Low precision and memory savers: 8-bit bases, bf16, the fp16 GradScaler, gradient checkpointing."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from trl import SFTConfig
+
+from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer, WeightLoraTrainer
+from wlora_trl.surgery import innermost_optimizer
+
+from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+
+IDS = torch.arange(3, 35).reshape(2, 16)
+
+
+def _sums_dataset():
+    pairs = [(a, b) for a in range(9) for b in range(9)]
+    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "completion": [str(a + b) for a, b in pairs]})
+
+
+def _sft_args(path, **overrides):
+    kwargs = dict(
+        max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
+    )
+    kwargs.update(overrides)
+    return SFTConfig(str(path), **kwargs)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits.float()
+
+
+def test_8bit_base_through_switch_and_export(tmp_path, tokenizer):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    int8 = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=int8, device_map="cpu")
+    trainer = WeightLoraSFTTrainer(
+        model=model, args=_sft_args(tmp_path / "run"), train_dataset=_sums_dataset(), processing_class=tokenizer,
+        peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
+    )
+    # TRL casts adapters on quantized bases to bf16; omega stays fp32.
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    assert trainer.weight_lora.omega.dtype == torch.float32
+    trainer.train()
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    dropped = [a.module for a in trainer.weight_lora.adapters if not a.kept]
+    assert all(type(trainer.model.base_model.model.get_submodule(name)) is bnb.nn.Linear8bitLt for name in dropped)
+    trainer.save_model(str(tmp_path / "adapter"))
+    trained = _logits(trainer.model)
+
+    fresh_int8 = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=int8, device_map="cpu")
+    reloaded = PeftModel.from_pretrained(fresh_int8, tmp_path / "adapter")
+    # PEFT reloads adapters on an int8 base in fp32 (there is no float base dtype to follow); bf16 -> fp32 is
+    # exact, so the weights must match bit for bit, and computed in bf16 as trained, so must the logits.
+    trained_lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    reloaded_lora = {n.replace(".default", ""): p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert {n.replace(".default", "") for n in trained_lora} == set(reloaded_lora)
+    for name, p in trained_lora.items():
+        assert torch.equal(reloaded_lora[name.replace(".default", "")], p.float()), name
+    for name, p in reloaded.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16)
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=0, atol=1e-5)
+
+    bf16_base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    on_bf16 = PeftModel.from_pretrained(bf16_base, tmp_path / "adapter")
+    kept = {a.module for a in trainer.weight_lora.adapters if a.kept}
+    lora_modules = {n.removeprefix("base_model.model.") for n, m in on_bf16.named_modules() if hasattr(m, "lora_A")}
+    assert lora_modules == kept
+    # Same adapter on an unquantized base: only int8 and bf16 rounding separate the two.
+    assert (_logits(on_bf16) - trained).abs().max().item() < 0.1
+
+
+def test_bf16_weights_and_autocast(tmp_path):
+    args = cpu_args(tmp_path, bf16=True, max_steps=6)
+    cfg = WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3)
+    trainer = WeightLoraTrainer(
+        tiny_llama().to(torch.bfloat16), args, train_dataset=addition_lm_dataset(), peft_config=cfg
+    )
+    assert trainer.weight_lora.omega.dtype == torch.float32
+    adapter_dtypes = {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n}
+    omega_seen = []
+    switch = trainer._switch
+    trainer._switch = lambda: (omega_seen.append(trainer.weight_lora.omega.detach().clone()), switch())
+    trainer.train()
+    (omega,) = omega_seen
+    assert omega.dtype == torch.float32 and int(omega.ne(0).sum()) == 7 and bool(omega.ne(1).any())
+    # PEFT keeps adapters on a bf16 base in fp32 (autocast_adapter_dtype); the switch must not change that.
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n} == adapter_dtypes
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+def test_fp16_grad_scaler_unscales_omega_and_skips_with_the_step(tmp_path, optim):
+    """With a real GradScaler: omega sees the unscaled gradient, and a skipped step leaves omega alone.
+
+    The scaler skips `step()` of a plain optimizer, but steps a fused one anyway with `found_inf` set.
+    """
+    cfg = WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3, init_lora_weights="gaussian")
+    trainer = WeightLoraTrainer(
+        tiny_llama(), cpu_args(tmp_path, optim=optim), train_dataset=addition_lm_dataset(), peft_config=cfg
+    )
+    model, weight_lora = trainer.model, trainer.weight_lora
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)  # as after a few steps: omega has a gradient
+    optimizer = trainer.create_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer.accelerator.scaler = scaler
+
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    true_grad = weight_lora.take_omega_grad()
+    optimizer.zero_grad()
+
+    scaler.scale(model(input_ids=IDS, labels=IDS).loss).backward()
+    trainer._omega_grad = trainer._unscale(weight_lora.take_omega_grad())
+    torch.testing.assert_close(trainer._omega_grad, true_grad, rtol=1e-5, atol=1e-9)
+
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) == (optim == "adamw_torch_fused")
+    lora_b.grad[0, 0] = float("inf")  # overflow
+    before = weight_lora.omega.detach().clone()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(weight_lora.omega, before)
+
+    optimizer.zero_grad()
+    scaler.scale(model(input_ids=IDS, labels=IDS).loss).backward()
+    trainer._omega_grad = trainer._unscale(weight_lora.take_omega_grad())
+    scaler.step(optimizer)  # finite: the pre-hook takes omega's StoIHT step
+    assert int(weight_lora.omega.ne(0).sum()) == weight_lora.k
+    assert innermost_optimizer(optimizer).state  # and AdamW stepped the adapters
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_selection(tmp_path, tokenizer, use_reentrant):
+    def omega_at_switch(path, checkpointing):
+        args = _sft_args(
+            path, gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant} if checkpointing else None,
+        )
+        trainer = WeightLoraSFTTrainer(
+            model=tiny_llama(), args=args, train_dataset=_sums_dataset(), processing_class=tokenizer,
+            peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=4),
+        )
+        seen = []
+        switch = trainer._switch
+        trainer._switch = lambda: (seen.append(trainer.weight_lora.omega.detach().clone()), switch())
+        trainer.train()
+        return seen[0]
+
+    plain = omega_at_switch(tmp_path / "plain", checkpointing=False)
+    checkpointed = omega_at_switch(tmp_path / "ckpt", checkpointing=True)
+    assert bool(plain.ne(1).any())
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)

@@ -24,19 +24,27 @@ def _run(command, out):
     return {path.stem: torch.load(path) for path in sorted(Path(out).glob("rank*.pt"))}
 
 
+LAUNCHERS = {
+    # On a CPU machine accelerate's --multi_gpu launcher starts torchrun workers, which use gloo.
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    single = _run([sys.executable, str(WORKER), str(one), "--batch", "4"], one)
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    return _run([sys.executable, str(WORKER), str(out), "--batch", "4"], out)["rank0"]
+
+
+@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
+def runs(request, single, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
     # Batch 1 x accumulation 2 x 2 processes: the same global batch of 4, and `no_sync` is exercised on both
     # sides of the switch.
-    ddp = _run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         str(WORKER), str(two), "--batch", "1", "--accumulation", "2"],
-        two,
-    )
-    return single["rank0"], ddp
+    ddp = _run([*LAUNCHERS[request.param], str(WORKER), str(out), "--batch", "1", "--accumulation", "2"], out)
+    return single, ddp
 
 
 def test_ranks_agree_bitwise(runs):
@@ -44,6 +52,7 @@ def test_ranks_agree_bitwise(runs):
     rank0, rank1 = ddp["rank0"], ddp["rank1"]
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert rank0["wrapper_after_switch"] == "DistributedDataParallel"
+    assert rank0["find_unused_after_switch"] is False  # every remaining parameter is used after the switch
     assert torch.equal(rank0["omega"], rank1["omega"])
     assert rank0["kept"] == rank1["kept"] and len(rank0["kept"]) == 5
     assert rank0["adapters"].keys() == rank1["adapters"].keys()

@@ -42,6 +42,7 @@ def main() -> None:
         record["omega"] = trainer.weight_lora.omega.detach().clone()
         switch()
         record["wrapper_after_switch"] = type(trainer.model_wrapped).__name__
+        record["find_unused_after_switch"] = getattr(trainer.model_wrapped, "find_unused_parameters", None)
 
     trainer._switch = record_then_switch
     trainer.train()

@@ -68,6 +68,7 @@ def test_stock_peft_reload_reproduces_logits(tmp_path, extra):
     assert config["peft_type"] == "LORA" and set(config["target_modules"]) == kept
     assert not {"k", "selection_steps", "omega_lr", "plus", "reinit", "selection"} & set(config)
     assert selection["n"] == 14 and selection["selection_steps"] == 3 and selection["switched"]
+    assert selection["switch_step"] == 4 and selection["step"] == 6
     assert len(kept) == selection["k"] and all(a["rank"] == 0 for a in selection["adapters"] if not a["kept"])
     if "rank_pattern" in extra:
         kept_q = [name for name in kept if name.endswith("q_proj")]

@@ -248,6 +248,7 @@ class WeightLoraModel:
             "k": self.k,
             "selection_steps": self.selection_steps,
             "switched": self.switched,
+            "switch_step": self.selection_steps + 1 if self.switched else None,  # the switch opens step T+1
             "step": step,
             "omega_lr": cfg.omega_lr,
             "reinit": cfg.reinit,

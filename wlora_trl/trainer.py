@@ -29,16 +29,12 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
+from trl import SFTTrainer
 
 from .config import WeightLoraConfig
 from .model import WeightLoraModel
 from .report import read_selection, write_selection
 from .surgery import innermost_optimizer
-
-try:  # TRL is a dependency, but keep `WeightLoraTrainer` importable without it.
-    from trl import SFTTrainer
-except ImportError:  # pragma: no cover
-    SFTTrainer = None
 
 
 def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
@@ -237,13 +233,11 @@ class WeightLoraTrainer(WeightLoraMixin, Trainer):
         self._setup_weight_lora()
 
 
-if SFTTrainer is not None:
+class WeightLoraSFTTrainer(WeightLoraMixin, SFTTrainer):
+    """`trl.SFTTrainer` with WeightLoRA: pass `peft_config=WeightLoraConfig(...)` where you passed a LoraConfig."""
 
-    class WeightLoraSFTTrainer(WeightLoraMixin, SFTTrainer):
-        """`trl.SFTTrainer` with WeightLoRA: pass `peft_config=WeightLoraConfig(...)` where you passed a LoraConfig."""
-
-        def __init__(self, model, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
-            _check_peft_config(peft_config, model)
-            _check_training_args(args)
-            super().__init__(model, args, *trainer_args, peft_config=peft_config, **kwargs)
-            self._setup_weight_lora()
+    def __init__(self, model, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
+        _check_peft_config(peft_config, model)
+        _check_training_args(args)
+        super().__init__(model, args, *trainer_args, peft_config=peft_config, **kwargs)
+        self._setup_weight_lora()

@@ -1,0 +1,263 @@
+"""Speed and memory of WeightLoRA against LoRA, measured in one run.
+
+    python benchmarks/speed.py                           # SmolLM2-135M-Instruct, all 7 projections, r=8, CPU
+    python benchmarks/speed.py --device cuda --dtype bfloat16
+    python benchmarks/speed.py --model llama3-8b-shapes --device cuda --dtype bfloat16   # random weights
+
+Variants, each an optimizer step (forward, backward, AdamW step) on the same batch:
+  lora            plain LoRA on all n modules                              (the baseline)
+  warmup          WeightLoRA before the switch (omega gates, StoIHT step)   target <= 1.05 x lora
+  switched        WeightLoRA after the switch (K = n/2)                     target <= 1.02 x lora_same_modules
+  lora_same       plain LoRA placed from the start on exactly the kept modules
+  plus_switched   WeightLoRA+ after the switch (K = n/2, rank 2r)          target <= 1.05 x lora
+plus the wall time of the switch itself (target < 1 s on CPU).
+
+Timing: the variants' steps are interleaved round by round in one process, so drift and background load hit all of
+them alike; the median over rounds is reported. Memory: on CUDA, peak allocated bytes per variant in this process;
+on CPU, where no allocator statistics exist, the peak RSS of a child process that runs only that variant, minus its
+RSS with the model loaded (the switch's variants warm up on a tiny batch so the warm-up does not set the peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
+
+VARIANTS = ["lora", "warmup", "switched", "lora_same", "plus_switched"]
+TARGETS = {  # variant: (baseline, largest allowed ratio)
+    "warmup": ("lora", 1.05),
+    "switched": ("lora_same", 1.02),
+    "plus_switched": ("lora", 1.05),
+}
+
+
+def load_base(name: str, dtype: torch.dtype, device: str, layers: int | None):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name == "llama3-8b-shapes":
+        config = LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        )
+        with torch.device(device):
+            return LlamaForCausalLM(config).to(dtype)
+    if name == "tiny":  # the CI smoke run
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers or 2,
+                             num_attention_heads=4, num_key_value_heads=2)
+        return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    from wlora_trl.local_models import resolve_model
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).to(device)
+
+
+class Variant:
+    """One trainable model of a variant, with its optimizer and (for WeightLoRA) its WeightLoraModel."""
+
+    def __init__(self, model, weight_lora: WeightLoraModel | None, lr: float = 1e-4):
+        self.model = model
+        self.weight_lora = weight_lora
+        params = weight_lora.trainable_parameters() if weight_lora else [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def step(self, batch) -> None:
+        self.model(**batch).loss.backward()
+        if self.weight_lora is not None:
+            self.weight_lora.omega_step()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def make_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def build(variant: str, base, args, warmup_batch, kept_names=None) -> tuple[Variant, float | None, list[str] | None]:
+    """A ready-to-time variant; for the switched ones also the switch's wall time and the kept modules."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = copy.deepcopy(base)
+    if variant == "lora":
+        return Variant(get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets)), None), None, None
+    if variant == "lora_same":
+        cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=list(kept_names))
+        return Variant(get_peft_model(model, cfg), None), None, None
+    plus = variant == "plus_switched"
+    cfg = WeightLoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, selection_steps=2, plus=plus)
+    weight_lora = WeightLoraModel(get_peft_model(model, cfg), max_steps=10)
+    runner = Variant(weight_lora.model, weight_lora)
+    if variant == "warmup":
+        return runner, None, None
+    for _ in range(weight_lora.selection_steps):  # a real warm-up, so omega is thresholded before the switch
+        runner.step(warmup_batch)
+    sync(args.device)
+    start = time.perf_counter()
+    weight_lora.switch(runner.optimizer)
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    return runner, seconds, [a.module for a in weight_lora.adapters if a.kept]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_variants(runners: dict[str, Variant], batch, rounds: int, device: str) -> dict[str, list[float]]:
+    for runner in runners.values():  # untimed first steps: allocator and kernel warm-up
+        runner.step(batch)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            sync(device)
+            start = time.perf_counter()
+            runner.step(batch)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_cuda(runner: Variant, batch) -> int:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    for _ in range(2):
+        runner.step(batch)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_child(args) -> None:
+    """Child process: load, build one variant (warming up on a tiny batch), then report the RSS peak of training."""
+    torch.manual_seed(0)
+    base = load_base(args.model, getattr(torch, args.dtype), args.device, args.layers)
+    vocab = base.config.vocab_size
+    tiny = make_batch(vocab, 1, 8, args.device)
+    kept = json.loads(args.kept) if args.kept else None
+    runner, _, _ = build(args.memory_of, base, args, tiny, kept)
+    del base
+    runner.step(tiny)
+    loaded = rss_bytes()
+    batch = make_batch(vocab, args.batch, args.seq, args.device)
+    for _ in range(2):
+        runner.step(batch)
+    print(json.dumps({"peak_rss_delta": rss_bytes() - loaded}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="hub id, path, 'tiny' or 'llama3-8b-shapes'")
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count (random-weight models)")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/speed_<model>_<device>.json)")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--kept", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        return memory_child(args)
+
+    torch.manual_seed(0)
+    base = load_base(args.model, getattr(torch, args.dtype), args.device, args.layers)
+    vocab = base.config.vocab_size
+    batch = make_batch(vocab, args.batch, args.seq, args.device)
+    warmup_batch = make_batch(vocab, args.batch, args.seq, args.device, seed=1)
+
+    runners, switch_seconds = {}, {}
+    for name in ["lora", "warmup", "switched", "plus_switched"]:
+        runners[name], seconds, kept = build(name, base, args, warmup_batch)
+        if seconds is not None:
+            switch_seconds[name] = seconds
+        if name == "switched":
+            kept_names = kept
+    runners["lora_same"], _, _ = build("lora_same", base, args, warmup_batch, kept_names)
+    del base
+    runners = {name: runners[name] for name in VARIANTS}
+
+    times = time_variants(runners, batch, args.rounds, args.device)
+    median = {name: statistics.median(values) for name, values in times.items()}
+
+    memory = {}
+    for name in VARIANTS:
+        if args.device.startswith("cuda"):
+            memory[name] = peak_memory_cuda(runners[name], batch)
+        else:
+            child = [sys.executable, __file__, "--memory-of", name, "--model", args.model, "--r", str(args.r),
+                     "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype,
+                     "--kept", json.dumps(kept_names)]
+            if args.layers:
+                child += ["--layers", str(args.layers)]
+            out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+            memory[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_delta"]
+
+    ratios = {name: median[name] / median[base_name] for name, (base_name, _) in TARGETS.items()}
+    checks = {
+        **{f"{name}/{TARGETS[name][0]} <= {TARGETS[name][1]}": ratios[name] <= TARGETS[name][1] for name in TARGETS},
+        "switched peak memory < lora": memory["switched"] < memory["lora"],
+        "switch < 1 s": switch_seconds["switched"] < 1.0,
+    }
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": __import__("os").cpu_count(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        },
+        "versions": {pkg: __import__(pkg).__version__ for pkg in ["torch", "transformers", "peft"]},
+        "settings": {k: getattr(args, k) for k in ["model", "layers", "r", "batch", "seq", "rounds", "device", "dtype"]},
+        "trainable_parameters": {name: runner.trainable() for name, runner in runners.items()},
+        "median_step_seconds": median,
+        "step_seconds": times,
+        "ratios": ratios,
+        "switch_seconds": switch_seconds,
+        "peak_memory_bytes": memory,
+        "memory_method": "cuda max_memory_allocated" if args.device.startswith("cuda") else "child-process peak RSS delta",
+        "checks": checks,
+    }
+    output = Path(args.output) if args.output else REPO / "benchmarks" / "results" / (
+        f"speed_{Path(args.model).name.lower()}_{args.device.split(':')[0]}_{args.dtype}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{'variant':<15}{'median step (s)':>16}{'trainable':>12}{'peak mem (MiB)':>16}")
+    for name in VARIANTS:
+        print(f"{name:<15}{median[name]:>16.4f}{runners[name].trainable():>12,}{memory[name] / 2**20:>16.1f}")
+    print(f"\nswitch: {switch_seconds['switched'] * 1000:.1f} ms (WeightLoRA), {switch_seconds['plus_switched'] * 1000:.1f} ms (WeightLoRA+)")
+    for check, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {check}" + (f"  ({ratios[check.split('/')[0]]:.3f})" if "/" in check else ""))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()

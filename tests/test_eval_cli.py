@@ -261,6 +261,12 @@ def test_no_local_data_while_offline_is_refused(tiny, tmp_path, monkeypatch, cap
     assert "no local data folder was found and the hub is offline" in err and "--data_dir" in err
 
 
+def test_non_positive_limit_is_refused(capsys, no_model_load):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--limit", "0"])
+    assert exit_info.value.code == 2 and "--limit must be positive" in capsys.readouterr().err
+
+
 def test_unreadable_model_is_refused(tmp_path, data_dir, capsys, no_model_load):
     err = _refused(capsys, ["eval", "--model", str(tmp_path / "nowhere"), "--tasks", "boolq",
                             "--data_dir", str(data_dir)])

@@ -23,6 +23,13 @@ def _batch_size(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"batch size must be an integer, 'auto' or 'auto:N', not {value!r}") from None
 
 
+def _limit(value: str) -> float:
+    limit = float(value)
+    if not limit > 0:
+        raise argparse.ArgumentTypeError(f"--limit must be positive (a count, or a fraction below 1), not {value}")
+    return limit
+
+
 def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -40,7 +47,7 @@ def _add_eval_parser(subparsers) -> None:
                    "float32 on CPU); with --load_in_8bit, the dtype of the layers that stay unquantized")
     p.add_argument("--load_in_8bit", action="store_true", help="quantize the base to 8 bit while loading "
                    "(bitsandbytes)")
-    p.add_argument("--limit", type=float, help="documents per task (a count, or a fraction if below 1)")
+    p.add_argument("--limit", type=_limit, help="documents per task (a count, or a fraction if below 1)")
     p.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own: gsm8k 5, others 0)")
     p.add_argument("--batch_size", type=_batch_size, default=1, help="integer, 'auto' or 'auto:N' (default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu); ignored under "

@@ -144,6 +144,32 @@ def test_all_four_tasks_base_and_adapter_end_to_end(tiny, data_dir, tmp_path, ca
     assert markdown.count("\n| ") == len(expected_metrics) + 1
 
 
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_task_files_change_only_the_data_source(task, data_dir, tmp_path):
+    """Local: lm-eval's stock config with only the data keys replaced. Online: the stock config itself."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from wlora_trl.evaluation.tasks import write_task_folder
+
+    local = load_yaml(write_task_folder([task], data_dir, tmp_path / "local") / f"{task}.yaml", resolve_func=False)
+    online = load_yaml(write_task_folder([task], None, tmp_path / "online") / f"{task}.yaml", resolve_func=False)
+    stock = load_yaml(_stock_path(task), resolve_func=False)
+    assert online == stock
+    changed = {key for key in stock.keys() | local.keys() if stock.get(key) != local.get(key)}
+    assert changed <= {"dataset_path", "dataset_name", "dataset_kwargs", "training_split"}
+    assert local["dataset_path"] == "json"
+    for path in local["dataset_kwargs"]["data_files"].values():
+        assert Path(path).is_absolute() and Path(path).is_file()
+
+
+def _stock_path(task: str) -> Path:
+    import lm_eval.tasks
+
+    stock = {"gsm8k": "gsm8k/gsm8k.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+             "boolq": "super_glue/boolq/default.yaml", "arc_challenge": "arc/arc_challenge.yaml"}[task]
+    return Path(lm_eval.tasks.__file__).parent / stock
+
+
 def _logits(lm, ids):
     with torch.no_grad():
         return lm.model(input_ids=ids).logits

@@ -137,10 +137,10 @@ def _weight_problems(shapes: dict[str, tuple[int, ...]], base: BaseModelInfo) ->
 
 
 def _same_name(recorded: str, base: BaseModelInfo) -> bool:
-    candidates = {base.name, base.path, str(Path(base.path).resolve()) if os.path.exists(base.path) else base.path}
-    if recorded in candidates or recorded.lower() in {c.lower() for c in candidates}:
+    """The recorded base is the evaluated one: the same id as given or resolved, or the same folder."""
+    if recorded.lower() in {base.name.lower(), base.path.lower()}:
         return True
-    return os.path.exists(recorded) and os.path.exists(base.path) and Path(recorded).resolve() == Path(base.path).resolve()
+    return os.path.exists(recorded) and os.path.exists(base.path) and os.path.samefile(recorded, base.path)
 
 
 def _recorded_base_problems(recorded: str | None, base: BaseModelInfo) -> tuple[list[str], list[str]]:

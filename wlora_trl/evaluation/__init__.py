@@ -1,0 +1,1 @@
+"""`wlora-trl eval`: lm-evaluation-harness on a base model and its LoRA adapters; the entry point is `command.py`."""

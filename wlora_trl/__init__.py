@@ -1,8 +1,29 @@
 """wlora_trl: WeightLoRA and WeightLoRA+ (arXiv:2506.02724) as drop-in trainers for TRL and transformers."""
 
-from .config import CITATION, WeightLoraConfig
-from .model import WeightLoraModel
-from .trainer import WeightLoraSFTTrainer, WeightLoraTrainer
+from __future__ import annotations
 
-__all__ = ["CITATION", "WeightLoraConfig", "WeightLoraModel", "WeightLoraSFTTrainer", "WeightLoraTrainer"]
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562): `wlora-trl --help` and the lm-eval path must not pay for TRL and the trainers.
+_EXPORTS = {
+    "CITATION": ".config",
+    "WeightLoraConfig": ".config",
+    "WeightLoraModel": ".model",
+    "WeightLoraSFTTrainer": ".trainer",
+    "WeightLoraTrainer": ".trainer",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import CITATION, WeightLoraConfig
+    from .model import WeightLoraModel
+    from .trainer import WeightLoraSFTTrainer, WeightLoraTrainer
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'wlora_trl' has no attribute {name!r}")

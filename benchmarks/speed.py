@@ -14,18 +14,20 @@ plus the wall time of the switch itself (target < 1 s on CPU).
 
 Timing: the variants' steps are interleaved round by round in one process, so drift and background load hit all of
 them alike; the median over rounds is reported. Memory: on CUDA, peak allocated bytes per variant in this process;
-on CPU, where no allocator statistics exist, the peak RSS of a child process that runs only that variant, minus its
-RSS with the model loaded (the switch's variants warm up on a tiny batch so the warm-up does not set the peak).
+on CPU, where no allocator statistics exist, a child process per variant: its peak RSS during two training steps
+(the peak is reset after the variant is built, so the switch's warm-up does not count) minus its RSS with only the
+base weights loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime
+import gc
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -147,25 +149,43 @@ def peak_memory_cuda(runner: Variant, batch) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def proc_status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status: the CPU memory measurement needs Linux")
+
+
+def release_and_reset_peak() -> None:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so they do not count as resident
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
 
 
 def memory_child(args) -> None:
-    """Child process: load, build one variant (warming up on a tiny batch), then report the RSS peak of training."""
+    """Child process: memory of training one variant, above the base model's weights.
+
+    Baseline: RSS with only the base weights loaded. Then the variant is built (the switched ones warm up on a tiny
+    batch and switch here), freed memory is released and the peak is reset, and two real steps run. Reported: peak
+    RSS minus baseline = adapters, their gradients and optimizer state, activations, allocator slack.
+    """
     torch.manual_seed(0)
     base = load_base(args.model, getattr(torch, args.dtype), args.device, args.layers)
+    release_and_reset_peak()
+    baseline = proc_status_bytes("VmRSS")
     vocab = base.config.vocab_size
     tiny = make_batch(vocab, 1, 8, args.device)
     kept = json.loads(args.kept) if args.kept else None
     runner, _, _ = build(args.memory_of, base, args, tiny, kept)
     del base
-    runner.step(tiny)
-    loaded = rss_bytes()
     batch = make_batch(vocab, args.batch, args.seq, args.device)
+    release_and_reset_peak()
     for _ in range(2):
         runner.step(batch)
-    print(json.dumps({"peak_rss_delta": rss_bytes() - loaded}))
+    print(json.dumps({"peak_rss_delta": proc_status_bytes("VmHWM") - baseline}))
 
 
 def main() -> None:
@@ -241,7 +261,7 @@ def main() -> None:
         "ratios": ratios,
         "switch_seconds": switch_seconds,
         "peak_memory_bytes": memory,
-        "memory_method": "cuda max_memory_allocated" if args.device.startswith("cuda") else "child-process peak RSS delta",
+        "memory_method": "cuda max_memory_allocated" if args.device.startswith("cuda") else "child-process peak RSS over base weights (VmHWM reset before the steps)",
         "checks": checks,
     }
     output = Path(args.output) if args.output else REPO / "benchmarks" / "results" / (

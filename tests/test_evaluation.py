@@ -77,6 +77,7 @@ def test_results_table_and_files(tmp_path):
         "| exact match | 0/16 = 0.0% | 2/16 = 12.5% |",
     ]
     assert "| metric | after |" in results_table({"before": None, "after": results["after"]}, metrics)
+    assert results_table({"after": {}}, metrics) == "(no evaluation was run)"
 
     json_path, markdown_path = write_results(tmp_path, results, table, "GSM8K check")
     saved = json.loads(open(json_path).read())  # strict JSON: NaN is written as null

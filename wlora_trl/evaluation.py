@@ -107,9 +107,12 @@ def results_table(results: dict, metrics: Sequence[dict]) -> str:
     """A Markdown table, one row per metric, a column per phase present in `results` ("before", "after").
 
     `metrics` describes the rows: {"key": name in each phase's dict, "label": row label, "kind": "number" or
-    "fraction"}. A fraction value is either a float in [0, 1] or {"value", "count", "total"}.
+    "fraction"}. A fraction value is either a float in [0, 1] or {"value", "count", "total"}. Without any
+    phase (every evaluation switched off) the "table" is a one-line note.
     """
     phases = [phase for phase in ("before", "after") if results.get(phase)]
+    if not phases:
+        return "(no evaluation was run)"
     lines = ["| metric | " + " | ".join(phases) + " |", "|---|" + "---:|" * len(phases)]
     for metric in metrics:
         cells = [_cell(metric, results[phase].get(metric["key"])) for phase in phases]

@@ -136,3 +136,14 @@ def test_boolq_missing_file(tmp_path):
     (tmp_path / "boolq").mkdir()
     with pytest.raises(FileNotFoundError, match="boolq/validation.jsonl"):
         boolq.load_boolq(data_dir=tmp_path)
+
+
+def test_score_generations():
+    examples = [gsm8k.GSM8KExample("q1", "a\n#### 18", "18"), gsm8k.GSM8KExample("q2", "b\n#### 3", "3")]
+    scores = gsm8k.score_generations(examples, ["so 18 eggs\n#### 18", "It is 4 bolts."])
+    assert scores["exact_match"] == {"value": 0.5, "count": 1, "total": 2}
+    assert scores["answer_format"] == {"value": 0.5, "count": 1, "total": 2}
+    assert [r["prediction"] for r in scores["generations"]] == ["18", "4"]
+    assert [r["correct"] for r in scores["generations"]] == [True, False]
+    with pytest.raises(ValueError, match="one generation per example"):
+        gsm8k.score_generations(examples, ["only one"])

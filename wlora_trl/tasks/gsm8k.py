@@ -75,6 +75,37 @@ def is_correct(prediction: str | None, reference: str) -> bool:
         return False
 
 
+def score_generations(examples: list[GSM8KExample], generations: list[str]) -> dict:
+    """Exact match and answer format of `generations` (one per example, same order), with per-question records.
+
+    Returns {"exact_match": {"value", "count", "total"}, "answer_format": {...} (share that wrote '#### N'),
+    "generations": [{"question", "reference", "generation", "prediction", "formatted", "correct"}, ...]}.
+    """
+    if len(examples) != len(generations) or not examples:
+        raise ValueError(f"need one generation per example, got {len(generations)} for {len(examples)} examples")
+    records = []
+    for example, generation in zip(examples, generations):
+        prediction, formatted = predicted_answer(generation)
+        records.append(
+            {
+                "question": example.question,
+                "reference": example.final,
+                "generation": generation,
+                "prediction": prediction,
+                "formatted": formatted,
+                "correct": is_correct(prediction, example.final),
+            }
+        )
+    total = len(records)
+    correct = sum(record["correct"] for record in records)
+    formatted = sum(record["formatted"] for record in records)
+    return {
+        "exact_match": {"value": correct / total, "count": correct, "total": total},
+        "answer_format": {"value": formatted / total, "count": formatted, "total": total},
+        "generations": records,
+    }
+
+
 def _example(row: Row) -> GSM8KExample:
     question = require_text(row, "question")
     answer = require_text(row, "answer")

@@ -97,9 +97,9 @@ def selection_grid(report: dict) -> dict:
 def plot_selection_heatmap(report: dict, path: str | os.PathLike, title: str | None = None) -> str:
     """Draw the selection of a `selection.json` report as a heatmap PNG and return its path.
 
-    Rows are layers, columns projection types (in model order), the colour is each adapter's final omega (signed,
-    white = 0 = dropped) and kept adapters are outlined. With random selection (no omega) the colour is simply
-    kept / dropped. Column labels carry the kept count per projection type. Works from any report dict
+    Rows are layers, columns projection types (in model order), the colour is each adapter's final omega (scaled
+    to the range of the nonzero values, white = 0 = dropped, grey = no adapter there) and kept adapters are
+    outlined. With random selection (no omega) the colour is simply kept (green) / dropped (white). Column labels carry the kept count per projection type. Works from any report dict
     (`WeightLoraModel.report()` or `read_selection(dir)`), with or without a trainer, and uses matplotlib's Agg
     canvas directly, so it never touches the pyplot state or backend of the caller.
     """
@@ -115,20 +115,29 @@ def plot_selection_heatmap(report: dict, path: str | os.PathLike, title: str | N
     grid = selection_grid(report)
     n_rows, n_cols = len(grid["layers"]), len(grid["projections"])
     has_omega = any(value is not None for row in grid["omega"] for value in row)
+    missing = np.array([[value is None for value in row] for row in grid["kept"]])
     if has_omega:
-        values = np.array([[np.nan if v is None else v for v in row] for row in grid["omega"]], dtype=float)
-        scale = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-        scale = scale if scale > 0 else 1.0
-        cmap, vmin, vmax, colorbar_label = "RdBu_r", -scale, scale, "final ω (0 = dropped)"
+        omega = np.array([[np.nan if v is None else v for v in row] for row in grid["omega"]], dtype=float)
+        # StoIHT leaves the dropped adapters at exactly 0 and the kept ones near 1 (omega starts at 1 and moves by
+        # omega_lr * gradient for T steps, often by only 1e-3). A symmetric scale around 0 would paint every kept
+        # cell the same colour, so the scale spans the nonzero values and the zeros are drawn white.
+        nonzero = omega[np.isfinite(omega) & (omega != 0)]
+        vmin, vmax = (float(nonzero.min()), float(nonzero.max())) if nonzero.size else (0.0, 1.0)
+        if vmax - vmin < 1e-12:
+            vmin, vmax = vmin - 0.5, vmax + 0.5
+        values = np.where(omega == 0, np.nan, omega)
+        cmap, colorbar_label = "viridis", "final ω (white: ω = 0, dropped)"
     else:
-        values = np.array([[np.nan if k is None else float(k) for k in row] for row in grid["kept"]], dtype=float)
+        values = np.array([[np.nan if not k else 1.0 for k in row] for row in grid["kept"]], dtype=float)
         cmap, vmin, vmax, colorbar_label = "Greens", 0.0, 1.5, None  # no omega: green = kept, no colour scale
 
     figure = Figure(figsize=(1.9 + 0.85 * n_cols, 2.2 + 0.24 * n_rows), dpi=150)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    colours = colormaps[cmap].with_extremes(bad="#d9d9d9")  # grey: no adapter on this module
+    colours = colormaps[cmap].with_extremes(bad="white")
     image = axes.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
+    for r, c in zip(*np.nonzero(missing)):  # grey: this layer has no adapter on that module
+        axes.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor="#d9d9d9", edgecolor="none"))
     for r, row in enumerate(grid["kept"]):
         for c, kept in enumerate(row):
             if kept:

@@ -1,0 +1,86 @@
+"""wlora_trl.evaluation: batched greedy generation and the before/after table."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import char_tokenizer, tiny_llama
+from wlora_trl.evaluation import greedy_generate, results_table, write_results
+
+# A minimal chat template in the char tokenizer's alphabet: "U:<text>\nA:" for a user turn plus generation prompt.
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'][0] | upper }}:{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}A:{% endif %}"
+)
+
+
+def chat_setup():
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    model = tiny_llama(seed=3).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def test_batched_generation_matches_one_by_one():
+    """Left padding and length sorting must not change what greedy decoding produces, nor its order."""
+    model, tokenizer = chat_setup()
+    conversations = [[{"role": "user", "content": text}] for text in ["7+8=?", "a much longer question here", "hi"]]
+    batched = greedy_generate(model, tokenizer, conversations, max_new_tokens=8, batch_size=3, progress=False)
+    single = [
+        greedy_generate(model, tokenizer, [c], max_new_tokens=8, batch_size=1, progress=False)[0]
+        for c in conversations
+    ]
+    assert batched == single
+    assert len(set(batched)) > 1  # the prompts lead to different continuations, so the order is really checked
+    assert all(len(text) > 0 for text in batched)
+
+
+def test_generation_restores_training_mode():
+    model, tokenizer = chat_setup()
+    model.train()
+    greedy_generate(model, tokenizer, [[{"role": "user", "content": "x"}]], max_new_tokens=2, progress=False)
+    assert model.training
+
+
+def test_prompt_is_rendered_like_trl():
+    """The generation prompt is the chat template with add_generation_prompt=True, i.e. TRL's training prompt."""
+    model, tokenizer = chat_setup()
+    calls = []
+    original = model.generate
+
+    def spy(input_ids, attention_mask, **kwargs):
+        calls.append((input_ids, attention_mask))
+        return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model.generate = spy
+    greedy_generate(model, tokenizer, [[{"role": "user", "content": "2+2"}]], max_new_tokens=1, progress=False)
+    (input_ids, attention_mask), = calls
+    assert input_ids[0].tolist() == tokenizer("U:2+2\nA:", add_special_tokens=False).input_ids
+    assert attention_mask.all()
+
+
+def test_results_table_and_files(tmp_path):
+    metrics = (
+        {"key": "loss", "label": "held-out loss", "kind": "number"},
+        {"key": "em", "label": "exact match", "kind": "fraction"},
+    )
+    results = {
+        "before": {"loss": 1.4277, "em": {"value": 0.0, "count": 0, "total": 16}},
+        "after": {"loss": 1.0172, "em": {"value": 0.125, "count": 2, "total": 16}, "extra": float("nan")},
+    }
+    table = results_table(results, metrics)
+    assert table.splitlines() == [
+        "| metric | before | after |",
+        "|---|---:|---:|",
+        "| held-out loss | 1.4277 | 1.0172 |",
+        "| exact match | 0/16 = 0.0% | 2/16 = 12.5% |",
+    ]
+    assert "| metric | after |" in results_table({"before": None, "after": results["after"]}, metrics)
+    assert results_table({"after": {}}, metrics) == "(no evaluation was run)"
+
+    json_path, markdown_path = write_results(tmp_path, results, table, "GSM8K check")
+    saved = json.loads(open(json_path).read())  # strict JSON: NaN is written as null
+    assert saved["after"]["extra"] is None and saved["after"]["loss"] == 1.0172
+    assert open(markdown_path).read() == f"# GSM8K check\n\n{table}\n"
+    assert saved["before"] == results["before"]

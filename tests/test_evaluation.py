@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import char_tokenizer, tiny_llama
-from wlora_trl.evaluation import greedy_generate, results_table, write_results
+from wlora_trl.evaluation.quick import greedy_generate, results_table, write_results
 
 # A minimal chat template in the char tokenizer's alphabet: "U:<text>\nA:" for a user turn plus generation prompt.
 TEMPLATE = (

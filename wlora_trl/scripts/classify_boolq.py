@@ -32,7 +32,7 @@ import numpy as np
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
-from ..evaluation import results_table, write_results
+from ..evaluation.quick import results_table, write_results
 from ..local_models import MINILM_HUB_ID, resolve_model
 from ..report import plot_selection_heatmap
 from ..tasks import boolq

@@ -45,7 +45,10 @@ class WeightLoraArguments:
             "5 steps; 0.005 = the paper's 0.5%%), a whole number >= 1 is a step count."
         },
     )
-    omega_lr: float = field(default=0.1, metadata={"help": "Step size of the SGD step on omega (StoIHT)."})
+    omega_lr: float = field(
+        default=WeightLoraConfig.omega_lr,  # one source of truth: the config's measured default
+        metadata={"help": "Step size of the SGD step on omega (StoIHT); see WeightLoraConfig.omega_lr."},
+    )
     reinit: bool = field(
         default=True,
         metadata={"help": "Re-initialise kept adapters at the switch, as the paper does (False keeps them)."},

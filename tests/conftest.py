@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import string
 
+# Before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once at import: set later, the hub client still
+# tries the network and, with none here, waits out its retries (45 s in the unknown-model test).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import pytest
 import torch
 from datasets import Dataset
@@ -17,9 +22,6 @@ from transformers import (
     PreTrainedTokenizerFast,
     TrainingArguments,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = ["<pad>", "<eos>", "<unk>"] + list(string.ascii_letters + string.digits + string.punctuation + " \n")
 

@@ -14,7 +14,9 @@ GSM8K exact match through lm-evaluation-harness (`wlora-trl eval`, 5-shot, --em_
 parameters after training, and the Jaccard similarity of the kept sets across seeds (the paper's Figure 5).
 With --sweep, K and T are swept on the first seed (the paper's Figure 4).
 
-Results: benchmarks/results/quality.json and quality.png. Adapters go to --work_dir (not committed).
+Results: benchmarks/results/quality.json, quality.md (the README's tables) and quality.png. Adapters go to
+--work_dir (not committed); a run whose adapter and summary are already there with the same flags is reused, so an
+interrupted benchmark picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ def train(name: str, method_flags: list[str], seed: int, args, extra: list[str] 
         "--output_dir", str(output_dir), "--seed", str(seed), "--data_seed", str(seed),
         "--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size),
         "--learning_rate", str(args.learning_rate), "--max_length", str(args.max_length),
+        "--max_train_samples", str(args.train_samples),
         "--lora_r", str(args.r), "--lora_alpha", str(2 * args.r), "--selection_steps", str(args.selection_steps),
         "--heldout_loss_samples", str(args.heldout_samples), "--exact_match_samples", "0", "--eval_before", "false",
         "--save_strategy", "no", "--report_to", "none", "--logging_steps", "5", "--disable_tqdm", "true",
         *method_flags, *extra,
     ]
+    record = output_dir / "quality_run.json"
+    if record.exists() and json.loads(record.read_text())["argv"] == argv:
+        return json.loads(record.read_text())["summary"]  # finished in an earlier, interrupted benchmark run
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     start = time.perf_counter()
     summary = sft_main(script_args, training_args, model_args)
@@ -66,6 +72,7 @@ def train(name: str, method_flags: list[str], seed: int, args, extra: list[str] 
     )
     summary["trainable_parameters"] = trainable_parameters(output_dir)
     summary["adapter_dir"] = str(output_dir)
+    record.write_text(json.dumps({"argv": argv, "summary": summary}, indent=1, default=str))
     return summary
 
 
@@ -86,16 +93,16 @@ def exact_match(adapter_dirs: list[str], args) -> dict[str, float]:
     out = Path(args.work_dir) / "lm_eval"
     cli_main(["eval", "--tasks", "gsm8k", "--limit", str(args.em_limit), "--batch_size", "8",
               "--output_dir", str(out), "--adapter", *adapter_dirs])
-    return read_exact_match(out / "results.json", adapter_dirs)
+    return read_exact_match(out / "results.json")
 
 
-def read_exact_match(path: Path, adapter_dirs: list[str]) -> dict[str, float]:
+def read_exact_match(path: Path) -> dict[str, float]:
+    """{adapter folder (or "base"): strict-match exact match} from the results.json `wlora-trl eval` writes."""
     results = json.loads(path.read_text())
-    scores = {}
-    for entry in results["models"]:
-        label = entry.get("adapter") or "base"
-        scores[label] = entry["results"]["gsm8k"]["exact_match,strict-match"]
-    return scores
+    return {
+        model["adapter"] or "base": results["results"][model["label"]]["gsm8k"]["exact_match (strict-match)"]["value"]
+        for model in results["models"]
+    }
 
 
 def jaccard(sets: list[list[str]]) -> float | None:
@@ -116,9 +123,9 @@ def plot(summary: dict, sweeps: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 1 + bool(sweeps)
-    fig, axes = plt.subplots(1, panels + (1 if sweeps else 0), figsize=(5 * (panels + bool(sweeps)), 3.6))
-    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    panels = 1 + len(sweeps)  # the methods' bars, then one panel per swept knob
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    axes = list(axes[0])
     names = list(summary)
     axes[0].bar(names, [summary[n]["heldout_loss"]["mean"] for n in names],
                 yerr=[summary[n]["heldout_loss"]["std"] for n in names], capsize=4, color="#4c72b0")
@@ -138,34 +145,70 @@ def plot(summary: dict, sweeps: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(result: dict) -> str:
+    """The README's tables: methods side by side (mean ± std over seeds), then the K and T sweeps."""
+    summary, settings = result["summary"], result["settings"]
+    methods = [name for name in summary if name in METHODS]
+    lora_loss = summary["lora"]["heldout_loss"]["mean"] if "lora" in summary else None
+    em_header = f"GSM8K exact match ({settings['em_limit']} q, 5-shot)" if settings["em_limit"] else None
+    header = ["method", f"held-out loss ({settings['heldout_samples']} answers)", "vs LoRA", em_header,
+              "trainable params", "kept-set Jaccard across seeds"]
+    header = [h for h in header if h]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for name in methods:
+        s = summary[name]
+        loss = s["heldout_loss"]
+        cells = [name, f"{loss['mean']:.4f} ± {loss['std']:.4f}",
+                 f"{loss['mean'] - lora_loss:+.4f}" if lora_loss is not None else "-"]
+        if em_header:
+            cells.append(f"{s['exact_match']['mean']:.3f} ± {s['exact_match']['std']:.3f}")
+        jac = s["kept_jaccard_across_seeds"]
+        cells += [f"{s['trainable_parameters']:,}", f"{jac:.2f}" if jac is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for knob, points in result["sweeps"].items():
+        lines += ["", f"| WeightLoRA, {knob} | held-out loss (seed {settings['seeds'][0]}) | kept |", "|---:|---:|---:|"]
+        for value in sorted(points, key=float):
+            kept = points[value]["kept"]
+            lines.append(f"| {value} | {points[value]['heldout_loss']:.4f} | {len(kept) if kept else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--max_steps", type=int, default=24)
+    parser.add_argument("--max_steps", type=int, default=50)
     parser.add_argument("--selection_steps", default="5", help="T (int steps or fraction of max_steps)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=320)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--train_samples", type=int, default=2000,
+                        help="train on the first N GSM8K train rows, shuffled per seed (the same rows for every method)")
     parser.add_argument("--heldout_samples", type=int, default=48)
-    parser.add_argument("--em_limit", type=int, default=10, help="GSM8K questions for exact match (0: skip)")
+    parser.add_argument("--em_limit", type=int, default=16, help="GSM8K questions for exact match (0: skip)")
     parser.add_argument("--sweep", action="store_true", help="also sweep K and T on the first seed")
+    parser.add_argument("--sweep_k", nargs="*", default=["0.25", "0.75"], help="K values of the sweep (besides 0.5)")
+    parser.add_argument("--sweep_T", nargs="*", default=["2", "10"], help="T values of the sweep (besides --selection_steps)")
     parser.add_argument("--work_dir", default="outputs/quality")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "quality.json"))
     args = parser.parse_args()
+    if args.sweep and "weightlora" not in args.methods:
+        parser.error("--sweep varies WeightLoRA's K and T around its main run: keep weightlora in --methods.")
 
     started = time.perf_counter()
     runs = {name: [train(name, METHODS[name], seed, args) for seed in args.seeds] for name in args.methods}
     sweeps = {}
     if args.sweep:
         seed = args.seeds[0]
-        sweeps["k"] = {k: train(f"weightlora_k{k}", METHODS["weightlora"], seed, args, ["--k", k])
-                       for k in ["0.25", "0.75"]}
-        sweeps["k"]["0.5"] = runs["weightlora"][0]
-        sweeps["T"] = {t: train(f"weightlora_T{t}", METHODS["weightlora"], seed, args, ["--selection_steps", t])
-                       for t in ["2", "10"]}
-        sweeps["T"][args.selection_steps] = runs["weightlora"][0]
+        if args.sweep_k:
+            sweeps["k"] = {k: train(f"weightlora_k{k}", METHODS["weightlora"], seed, args, ["--k", k])
+                           for k in args.sweep_k}
+            sweeps["k"]["0.5"] = runs["weightlora"][0]
+        if args.sweep_T:
+            sweeps["T"] = {t: train(f"weightlora_T{t}", METHODS["weightlora"], seed, args, ["--selection_steps", t])
+                           for t in args.sweep_T}
+            sweeps["T"][args.selection_steps] = runs["weightlora"][0]
 
     scores = {}
     if args.em_limit:
@@ -210,6 +253,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     plot({k: v for k, v in summary.items() if k != "base_exact_match"}, sweep_summary, output.with_suffix(".png"))
+    output.with_suffix(".md").write_text(markdown(result))
 
     print(f"\n{'method':<17}{'held-out loss':>22}{'exact match':>20}{'trainable':>12}{'kept Jaccard':>14}")
     for name in args.methods:
@@ -218,7 +262,7 @@ def main() -> None:
         jac = f"{s['kept_jaccard_across_seeds']:.2f}" if s["kept_jaccard_across_seeds"] is not None else "-"
         print(f"{name:<17}{s['heldout_loss']['mean']:>12.4f} ± {s['heldout_loss']['std']:.4f}{em:>20}"
               f"{s['trainable_parameters']:>12,}{jac:>14}")
-    print(f"\nwrote {output} and {output.with_suffix('.png')} ({result['wall_seconds'] / 60:.1f} min)")
+    print(f"\nwrote {output} and its .png and .md ({result['wall_seconds'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":

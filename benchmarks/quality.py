@@ -87,20 +87,31 @@ def trainable_parameters(adapter_dir: Path) -> int:
 
 
 def exact_match(adapter_dirs: list[str], args) -> dict[str, float]:
-    """GSM8K exact match of each adapter through `wlora-trl eval` (lm-eval's own prompt and metric)."""
+    """GSM8K exact match of each adapter through `wlora-trl eval` (lm-eval's own prompt and metric).
+
+    Keyed by resolved adapter path ("base" for the base model). An evaluation of the same adapters at the same limit
+    already in --work_dir is reused (it is the slowest part on a CPU).
+    """
     from wlora_trl.cli import main as cli_main
 
     out = Path(args.work_dir) / "lm_eval"
+    wanted = {str(Path(d).resolve()) for d in adapter_dirs} | {"base"}
+    if (out / "results.json").exists():
+        earlier = json.loads((out / "results.json").read_text())
+        scores = read_exact_match(out / "results.json")
+        if earlier["settings"]["limit"] == args.em_limit and set(scores) == wanted:
+            return scores
     cli_main(["eval", "--tasks", "gsm8k", "--limit", str(args.em_limit), "--batch_size", "8",
               "--output_dir", str(out), "--adapter", *adapter_dirs])
     return read_exact_match(out / "results.json")
 
 
 def read_exact_match(path: Path) -> dict[str, float]:
-    """{adapter folder (or "base"): strict-match exact match} from the results.json `wlora-trl eval` writes."""
+    """{resolved adapter folder (or "base"): strict-match exact match} from the results.json `wlora-trl eval` writes."""
     results = json.loads(path.read_text())
     return {
-        model["adapter"] or "base": results["results"][model["label"]]["gsm8k"]["exact_match (strict-match)"]["value"]
+        str(Path(model["adapter"]).resolve()) if model["adapter"] else "base":
+            results["results"][model["label"]]["gsm8k"]["exact_match (strict-match)"]["value"]
         for model in results["models"]
     }
 
@@ -152,7 +163,7 @@ def markdown(result: dict) -> str:
     lora_loss = summary["lora"]["heldout_loss"]["mean"] if "lora" in summary else None
     em_header = f"GSM8K exact match ({settings['em_limit']} q, 5-shot)" if settings["em_limit"] else None
     header = ["method", f"held-out loss ({settings['heldout_samples']} answers)", "vs LoRA", em_header,
-              "trainable params", "kept-set Jaccard across seeds"]
+              "trainable params (first seed)", "kept-set Jaccard across seeds"]
     header = [h for h in header if h]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for name in methods:
@@ -224,7 +235,8 @@ def main() -> None:
             "train_seconds": spread([run["timings_s"]["train"] for run in runs[name]]),
         }
         if scores:
-            summary[name]["exact_match"] = spread([scores[run["adapter_dir"]] for run in runs[name]])
+            summary[name]["exact_match"] = spread([scores[str(Path(run["adapter_dir"]).resolve())]
+                                                   for run in runs[name]])
     if scores:
         summary["base_exact_match"] = scores.get("base")
     sweep_summary = {knob: {value: {"heldout_loss": run["after"]["heldout_loss"], "kept": run["kept"]}

@@ -1,6 +1,6 @@
 """Quality of WeightLoRA against LoRA and random selection: SFT of SmolLM2-135M-Instruct on GSM8K, side by side.
 
-    python benchmarks/quality.py                          # the CPU budget the README reports
+    python benchmarks/quality.py --sweep                  # the CPU run the README reports (~100 min)
     python benchmarks/quality.py --max_steps 500 --seeds 0 1 2 --em_limit 250   # on a GPU
 
 Every run is the flagship recipe (`wlora_trl.scripts.sft`) with identical data order (per seed), steps, batch and
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--train_samples", type=int, default=2000,
                         help="train on the first N GSM8K train rows, shuffled per seed (the same rows for every method)")
     parser.add_argument("--heldout_samples", type=int, default=48)
-    parser.add_argument("--em_limit", type=int, default=16, help="GSM8K questions for exact match (0: skip)")
+    parser.add_argument("--em_limit", type=int, default=8, help="GSM8K questions for exact match (0: skip)")
     parser.add_argument("--sweep", action="store_true", help="also sweep K and T on the first seed")
     parser.add_argument("--sweep_k", nargs="*", default=["0.25", "0.75"], help="K values of the sweep (besides 0.5)")
     parser.add_argument("--sweep_T", nargs="*", default=["2", "10"], help="T values of the sweep (besides --selection_steps)")

@@ -59,8 +59,9 @@ def train(name: str, method_flags: list[str], seed: int, args, extra: list[str] 
         *method_flags, *extra,
     ]
     record = output_dir / "quality_run.json"
-    if record.exists() and json.loads(record.read_text())["argv"] == argv:
-        return json.loads(record.read_text())["summary"]  # finished in an earlier, interrupted benchmark run
+    earlier = json.loads(record.read_text()) if record.exists() else None
+    if earlier and earlier["argv"] == argv:
+        return earlier["summary"]  # finished in an earlier, interrupted benchmark run
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     start = time.perf_counter()
     summary = sft_main(script_args, training_args, model_args)
@@ -98,17 +99,16 @@ def exact_match(adapter_dirs: list[str], args) -> dict[str, float]:
     wanted = {str(Path(d).resolve()) for d in adapter_dirs} | {"base"}
     if (out / "results.json").exists():
         earlier = json.loads((out / "results.json").read_text())
-        scores = read_exact_match(out / "results.json")
+        scores = read_exact_match(earlier)
         if earlier["settings"]["limit"] == args.em_limit and set(scores) == wanted:
             return scores
     cli_main(["eval", "--tasks", "gsm8k", "--limit", str(args.em_limit), "--batch_size", "8",
               "--output_dir", str(out), "--adapter", *adapter_dirs])
-    return read_exact_match(out / "results.json")
+    return read_exact_match(json.loads((out / "results.json").read_text()))
 
 
-def read_exact_match(path: Path) -> dict[str, float]:
+def read_exact_match(results: dict) -> dict[str, float]:
     """{resolved adapter folder (or "base"): strict-match exact match} from the results.json `wlora-trl eval` writes."""
-    results = json.loads(path.read_text())
     return {
         str(Path(model["adapter"]).resolve()) if model["adapter"] else "base":
             results["results"][model["label"]]["gsm8k"]["exact_match (strict-match)"]["value"]

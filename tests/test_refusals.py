@@ -92,3 +92,13 @@ def test_sft_trainer_refuses_before_building_anything(tmp_path, tokenizer):
             "this-model-is-never-loaded", args=args, processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules="all-linear"),
         )
+
+
+def test_several_gpus_in_one_process_are_refused(tmp_path):
+    """Without a launcher on a multi-GPU host the Trainer would train through nn.DataParallel, whose replicas
+    cannot share omega's gates; refuse it at construction and name the launchers."""
+    args = cpu_args(tmp_path)
+    _ = args.device  # resolves the device setup, which sets the GPU count
+    args._n_gpu = 2  # what TrainingArguments finds on a host with two visible GPUs and no launcher
+    with pytest.raises(ValueError, match="torch.nn.DataParallel, which WeightLoRA does not support.*accelerate launch"):
+        WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=WeightLoraConfig(**CFG))

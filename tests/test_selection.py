@@ -1,10 +1,19 @@
 """The hard threshold, the StoIHT step and the omega gates on a real forward/backward."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from wlora_trl import WeightLoraConfig, WeightLoraModel
-from wlora_trl.selection import OMEGA_PARAMETER_NAME, stoiht_step, top_k_mask
+from wlora_trl.selection import (
+    OMEGA_PARAMETER_NAME,
+    SKIPPED_NO_GRADIENT,
+    SKIPPED_NONFINITE,
+    STEP_TAKEN,
+    stoiht_step,
+    top_k_mask,
+)
 
 from .conftest import tiny_llama
 
@@ -21,15 +30,16 @@ def test_top_k_breaks_ties_by_lower_index():
 
 def test_stoiht_step_is_sgd_then_threshold():
     omega = torch.ones(4)
-    assert stoiht_step(omega, torch.tensor([1.0, -2.0, 0.5, 3.0]), lr=0.1, k=2)
+    assert stoiht_step(omega, torch.tensor([1.0, -2.0, 0.5, 3.0]), lr=0.1, k=2) == STEP_TAKEN
     torch.testing.assert_close(omega, torch.tensor([0.0, 1.2, 0.95, 0.0]))  # from [0.9, 1.2, 0.95, 0.7]
 
 
 def test_stoiht_step_skips_zero_and_non_finite_gradients():
     omega = torch.ones(4)
-    assert not stoiht_step(omega, torch.zeros(4), lr=0.1, k=2)  # step 1: B = 0
-    assert not stoiht_step(omega, torch.tensor([1.0, float("nan"), 0.0, 0.0]), lr=0.1, k=2)
-    assert not stoiht_step(omega, None, lr=0.1, k=2)
+    assert stoiht_step(omega, torch.zeros(4), lr=0.1, k=2) == SKIPPED_NO_GRADIENT  # step 1: B = 0
+    assert stoiht_step(omega, torch.tensor([1.0, float("nan"), 0.0, 0.0]), lr=0.1, k=2) == SKIPPED_NONFINITE
+    assert stoiht_step(omega, torch.tensor([float("inf"), 0.0, 0.0, 0.0]), lr=0.1, k=2) == SKIPPED_NONFINITE
+    assert stoiht_step(omega, None, lr=0.1, k=2) == SKIPPED_NO_GRADIENT
     assert omega.tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
@@ -78,3 +88,75 @@ def test_omega_gets_a_gradient_only_once_b_is_nonzero_and_is_never_saved(tmp_pat
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and not any(OMEGA_PARAMETER_NAME in key or "omega" in key for key in saved)
+
+
+class _AdapterOutputGate:
+    """v0.1's gate, kept here as the reference: a forward hook scaling `lora_A`'s output by omega[index]."""
+
+    def __init__(self, omega, index):
+        self.omega, self.index = omega, index
+
+    def __call__(self, module, inputs, output):
+        return output * self.omega[self.index]
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+@pytest.mark.parametrize("pattern", [False, True], ids=["one_scaling", "rank_and_alpha_pattern"])
+def test_gate_value_and_gradient_match_a_gate_on_the_adapter_output(checkpointing, pattern):
+    """omega enters through PEFT's scaling; value and gradient must be those of `omega_i * scaling_i * B(A(x))`.
+
+    Checked with different scalings per module (each group of equal scalings shares one multiply) and with both
+    kinds of gradient checkpointing: reentrant checkpointing back-propagates through the shared gate nodes once per
+    segment, which fails if any of them saved a tensor.
+    """
+    extra = dict(rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 16, "down_proj": 2}) if pattern else {}
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian", **extra)
+
+    def build(weight_lora_config):
+        model = get_peft_model(tiny_llama(), weight_lora_config)
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(std=0.1)
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+            )
+            model.enable_input_require_grads()
+            model.train()
+        return model
+
+    omega_values = torch.linspace(-0.5, 1.5, 14)
+    model = build(WeightLoraConfig(**cfg, k=3, selection_steps=3))
+    weight_lora = WeightLoraModel(model)
+    scalings = {layer.scaling["default"].item() if torch.is_tensor(layer.scaling["default"]) else None
+                for layer in weight_lora.gates.layers}
+    assert len(scalings) == (3 if pattern else 1)  # 8/4 = 2; with the patterns also q: 16/2 = 8, down: 2/4 = 0.5
+    with torch.no_grad():
+        weight_lora.omega.copy_(omega_values)
+    out = model(**_batch())
+    out.loss.backward()
+
+    reference = build(LoraConfig(**cfg))
+    omega = torch.nn.Parameter(omega_values.clone())
+    layers = [m for _, m in reference.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+    for index, layer in enumerate(layers):
+        layer.lora_A["default"].register_forward_hook(_AdapterOutputGate(omega, index))
+    expected = reference(**_batch())
+    expected.loss.backward()
+
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert omega.grad.abs().min() > 0
+    torch.testing.assert_close(weight_lora.omega.grad, omega.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_removing_the_gates_gives_the_layers_their_float_scaling_back():
+    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"q_proj": 2}, k=3)
+    model = get_peft_model(tiny_llama(), cfg)
+    layers = [m for _, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+    floats = [layer.scaling["default"] for layer in layers]
+    weight_lora = WeightLoraModel(model)
+    assert all(torch.is_tensor(layer.scaling["default"]) for layer in layers)
+    weight_lora.gates.remove()
+    assert [layer.scaling["default"] for layer in layers] == floats and all(type(s) is float for s in floats)
+    assert not hasattr(model, OMEGA_PARAMETER_NAME)

@@ -204,3 +204,26 @@ def test_custom_training_loop_without_a_trainer():
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
         id(p) for p in model.parameters() if p.requires_grad
     }
+
+
+def test_the_switch_seeds_only_the_cpu_generator(monkeypatch):
+    """PEFT initialises new adapters on the CPU; reseeding the GPUs' generators (what torch.manual_seed does) would
+    make dropout after the switch replay its masks from step 1. The CUDA side is checked on a GPU in tests/gpu."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+
+    def switched_a(seed):
+        model = get_peft_model(tiny_llama(), WeightLoraConfig(r=R, target_modules="all-linear", k=3, selection_steps=2))
+        weight_lora = WeightLoraModel(model)
+        torch.manual_seed(123)  # the training stream
+        state = torch.get_rng_state()
+        reseeded.clear()
+        weight_lora.switch(seed=seed)
+        assert reseeded == []  # no GPU generator was reseeded
+        assert torch.equal(torch.get_rng_state(), state)  # training randomness continues untouched
+        return [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+
+    first, again, other = switched_a(0), switched_a(0), switched_a(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the re-initialisation depends on the seed only
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))

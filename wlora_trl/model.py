@@ -30,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import WeightLoraConfig
-from .selection import OmegaGates, stoiht_step
+from .selection import SKIPPED_NO_GRADIENT, SKIPPED_NONFINITE, STEP_TAKEN, OmegaGates, stoiht_step
 from .surgery import (
     adapter_parameters,
     alpha_for_rank,
@@ -41,6 +41,8 @@ from .surgery import (
 )
 
 logger = logging.getLogger(__name__)
+
+SKIPPED_BY_GRAD_SCALER = "skipped_by_grad_scaler"  # the fp16 GradScaler skipped the whole optimizer step
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,11 @@ class WeightLoraModel:
         self.switched = False
         self.adapters: list[AdapterInfo] | None = None  # filled by the switch
         self.gates: OmegaGates | None = None
+        # What became of each StoIHT step: taken, skipped for a missing or all-zero gradient (step 1), skipped for
+        # a non-finite one, or skipped with the optimizer step by the fp16 GradScaler. Reported in selection.json.
+        self.omega_steps = {STEP_TAKEN: 0, SKIPPED_NO_GRADIENT: 0, SKIPPED_NONFINITE: 0, SKIPPED_BY_GRAD_SCALER: 0}
         if config.selection == "stoiht":
-            lora_a = [module.lora_A[self.adapter_name] for _, module in layers]
-            device = next(lora_a[0].parameters()).device
-            self.gates = OmegaGates(model, lora_a, device)
+            self.gates = OmegaGates(model, self.base, [module for _, module in layers], self.adapter_name)
         if max_steps is not None:
             self.set_max_steps(max_steps)
 
@@ -139,7 +142,20 @@ class WeightLoraModel:
             return False
         if grad is None:
             grad = self.take_omega_grad()
-        return stoiht_step(self.omega, grad, self.config.omega_lr, self.k)
+        outcome = stoiht_step(self.omega, grad, self.config.omega_lr, self.k)
+        self.omega_steps[outcome] += 1
+        if outcome == SKIPPED_NONFINITE:
+            logger.warning(
+                "WeightLoRA: omega's gradient is not finite (inf or nan); its StoIHT step was skipped (%d so far). "
+                "With fp16, a lower initial loss scale or bf16 avoids this.",
+                self.omega_steps[SKIPPED_NONFINITE],
+            )
+        return outcome == STEP_TAKEN
+
+    def skip_omega_step(self) -> None:
+        """Record a step skipped with the optimizer's (fp16 GradScaler overflow); omega is left alone."""
+        if self.omega is not None and not self.switched:
+            self.omega_steps[SKIPPED_BY_GRAD_SCALER] += 1
 
     # --- the switch ------------------------------------------------------------------------------------------
 
@@ -183,9 +199,12 @@ class WeightLoraModel:
         replacements: dict[int, list[nn.Parameter]] = {}
         infos, ranks, alphas = [], {}, {}
         # A private, seeded RNG stream: the result depends on `seed` only, is the same on every DDP rank, and
-        # training randomness after the switch (dropout, data order) is what it would have been without it.
+        # training randomness after the switch (dropout, data order) is what it would have been without it. PEFT
+        # initialises new adapters on the CPU and then moves them to their layer's device, so the CPU generator is
+        # the only one to seed; `torch.manual_seed` would also reseed every GPU's generator, which `fork_rng` does
+        # not restore here, and dropout after the switch would replay its masks from step 1.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             for index, name in enumerate(self.module_names):
                 layer: LoraLayer = self.base.get_submodule(name)
                 old_params = adapter_parameters(layer, self.adapter_name)
@@ -251,6 +270,7 @@ class WeightLoraModel:
             "switch_step": self.selection_steps + 1 if self.switched else None,  # the switch opens step T+1
             "step": step,
             "omega_lr": cfg.omega_lr,
+            "omega_steps": dict(self.omega_steps),
             "reinit": cfg.reinit,
             "adapters": [
                 {"index": i, "module": a.module, "omega": a.omega, "kept": a.kept, "rank": a.rank}
@@ -267,6 +287,7 @@ class WeightLoraModel:
                 "and config; resume with the same model, target_modules and k."
             )
         self.selection_steps = report["selection_steps"]
+        self.omega_steps.update(report.get("omega_steps", {}))
         if report["switched"]:
             kept = [a["index"] for a in report["adapters"] if a["kept"]]
             self.switch(kept=kept)

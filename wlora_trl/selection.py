@@ -1,15 +1,28 @@
 """omega, its gates on the LoRA adapters, and the StoIHT step that trains it.
 
-During the selection phase adapter i computes `omega_i * scaling * B(A(dropout(x)))`. The gate multiplies the
-rank-r activation `A(dropout(x))` rather than the adapter's output: the product is the same (B has no bias, which
-the config enforces), and the tensor is r wide instead of out_features wide, so the gates cost almost nothing.
+During the selection phase adapter i computes `(omega_i * scaling_i) * B(A(dropout(x)))`. The gate is PEFT's own
+multiplication by `scaling`: for the warm-up, each LoRA layer's `scaling[adapter]` (a Python float in stock PEFT)
+becomes a 0-d tensor `omega_i * scaling_i`, refreshed once per model forward by a pre-hook on the model. So the
+gate costs no extra module call and no extra kernel in the forward (the multiplication happens anyway), one
+multiply and one unbind per device and forward for all n adapters together, and in the backward the one reduction
+per adapter that omega's gradient needs. (v0.1 put a forward hook on every `lora_A`: 8-13% slower steps wherever
+Python overhead shows; `benchmarks/speed.py` keeps that gate as the `warmup_hooks` variant for comparison.)
 
-omega is one fp32 `nn.Parameter` of shape (n,). It is registered on the `PeftModel` itself, not on a tuner layer,
-so PEFT's adapter file never contains it (PEFT saves tuner-layer parameters whose names contain "lora_"), while
-DDP still sees it as a model parameter and all-reduces its gradient.
+Precision: omega is an fp32 parameter. The product with the adapter's output happens in that output's dtype (bf16
+under bf16 training: omega_i * scaling_i is rounded to 8 significant bits there, the same relative error as the
+adapter output itself), and omega's gradient is reduced in that dtype and handed back in fp32. StoIHT updates the
+fp32 omega, so small steps accumulate exactly. In fp16 the reduction can overflow only where |grad omega_i| exceeds
+about scaling_i * 65504 / loss_scale (about 2 for a typical alpha/r = 2 at the initial scale 2^16; measured
+|grad omega| on SmolLM2 is below 1e-2); such a step is skipped and counted, never applied.
+
+omega is one fp32 `nn.Parameter` of shape (n,), registered on the `PeftModel` itself, not on a tuner layer, so
+PEFT's adapter file never contains it (PEFT saves tuner-layer parameters whose names contain "lora_"), while DDP
+still sees it as a model parameter and all-reduces its gradient.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -30,50 +43,91 @@ def top_k_mask(omega: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+# Outcomes of one StoIHT step, as `stoiht_step` returns them.
+STEP_TAKEN = "taken"
+SKIPPED_NO_GRADIENT = "skipped_no_gradient"  # missing or all zero: step 1 (B = 0), or omega unused
+SKIPPED_NONFINITE = "skipped_nonfinite"  # inf/nan: would poison omega
+
+
 @torch.no_grad()
-def stoiht_step(omega: torch.Tensor, grad: torch.Tensor | None, lr: float, k: int) -> bool:
-    """One StoIHT step in place: `omega <- H_K(omega - lr * grad)`. Returns whether the step was taken.
+def stoiht_step(omega: torch.Tensor, grad: torch.Tensor | None, lr: float, k: int) -> str:
+    """One StoIHT step in place: `omega <- H_K(omega - lr * grad)`. Returns what happened (`STEP_TAKEN` or why not).
 
     The step is skipped when the gradient is missing, all zero or not finite. An all-zero gradient happens at
     step 1, where every B is zero; thresholding the untouched, all-equal omega would then keep the first K
     adapters by index and remove the rest for good. A non-finite gradient would poison omega.
     """
     if grad is None:
-        return False
-    grad = grad.to(omega.dtype)
-    if not bool(torch.isfinite(grad).all() & grad.ne(0).any()):  # one host sync per optimizer step
-        return False
+        return SKIPPED_NO_GRADIENT
+    grad = grad.to(device=omega.device, dtype=omega.dtype)
+    finite, nonzero = torch.stack([torch.isfinite(grad).all(), grad.ne(0).any()]).tolist()  # one host sync
+    if not finite:
+        return SKIPPED_NONFINITE
+    if not nonzero:
+        return SKIPPED_NO_GRADIENT
     omega.sub_(grad, alpha=lr)
     omega.mul_(top_k_mask(omega, k))
-    return True
-
-
-class _OmegaGate:
-    """Forward hook on `lora_A[adapter]` of adapter `index`: scales its output by omega[index]."""
-
-    def __init__(self, omega: nn.Parameter, index: int) -> None:
-        self.omega = omega
-        self.index = index
-
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        # omega stays fp32; the cast keeps a bf16 adapter in bf16 and still carries the gradient to omega.
-        return output * self.omega[self.index].to(output.dtype)
+    return STEP_TAKEN
 
 
 class OmegaGates:
-    """omega (ones at start) and one gate per adapter, in the order of `lora_a_modules`."""
+    """omega (ones at start) and its gates: each LoRA layer's `scaling[adapter]` becomes `omega_i * scaling_i`.
 
-    def __init__(self, owner: nn.Module, lora_a_modules: list[nn.Module], device: torch.device) -> None:
+    `layers` are the LoRA layers in adapter order. omega lives on the first layer's device; a layer on another
+    device (a model spread over devices with `device_map`) gets its gate moved to its own device, one copy per
+    device and forward.
+    """
+
+    def __init__(self, owner: nn.Module, root: nn.Module, layers: list[nn.Module], adapter_name: str) -> None:
         self.owner = owner
-        self.omega = nn.Parameter(torch.ones(len(lora_a_modules), dtype=torch.float32, device=device))
+        self.layers = layers
+        self.adapter_name = adapter_name
+        self.scalings = [float(layer.scaling[adapter_name]) for layer in layers]
+        device = layers[0].lora_A[adapter_name].weight.device
+        self.omega = nn.Parameter(torch.ones(len(layers), dtype=torch.float32, device=device))
         owner.register_parameter(OMEGA_PARAMETER_NAME, self.omega)
-        self._handles: list[RemovableHandle] = [
-            module.register_forward_hook(_OmegaGate(self.omega, index)) for index, module in enumerate(lora_a_modules)
-        ]
+        # Per device: the adapters there, and the scaling most of them share (all of them, unless rank_pattern or
+        # alpha_pattern differ): those get their gates from one multiply, the others one multiply each.
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for index, layer in enumerate(layers):
+            by_device[layer.lora_A[adapter_name].weight.device].append(index)
+        self._devices = []
+        for device, indices in by_device.items():
+            values = [self.scalings[i] for i in indices]
+            common = max(set(values), key=values.count)
+            self._devices.append((device, common, [i for i in indices if self.scalings[i] == common],
+                                  [i for i in indices if self.scalings[i] != common]))
+        self._handles: list[RemovableHandle] = [root.register_forward_pre_hook(self._refresh_hook)]
+        with torch.no_grad():
+            self.refresh()  # a layer called outside the model's forward still sees omega's current values
+
+    def _refresh_hook(self, module: nn.Module, args: tuple) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Write `omega_i * scaling_i` into every layer's scaling, as autograd-tracked 0-d tensors.
+
+        `aten.mul.Scalar` saves its factor as a number, not a tensor, and unbind and the device copy save no
+        tensors: with reentrant gradient checkpointing every checkpointed segment back-propagates through these
+        nodes again, which works only because nothing in them is freed after the first pass.
+        """
+        name, layers = self.adapter_name, self.layers
+        for device, common, same, others in self._devices:
+            omega = self.omega if device == self.omega.device else self.omega.to(device)
+            gates = torch.ops.aten.mul.Scalar(omega, common).unbind(0)
+            for index in same:
+                layers[index].scaling[name] = gates[index]
+            if others:
+                entries = omega.unbind(0)
+                for index in others:
+                    layers[index].scaling[name] = torch.ops.aten.mul.Scalar(entries[index], self.scalings[index])
 
     def remove(self) -> None:
-        """Take the gates off the adapters and omega off the model: the model is plain LoRA again."""
+        """Take the gates off (every layer gets its float scaling back) and omega off the model: plain LoRA again."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for layer, scaling in zip(self.layers, self.scalings):
+            if self.adapter_name in layer.scaling:
+                layer.scaling[self.adapter_name] = scaling
         delattr(self.owner, OMEGA_PARAMETER_NAME)

@@ -83,6 +83,15 @@ class WeightLoraMixin:
         _check_training_args(args)  # again: SFTTrainer may have built its own args
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # enabled by an accelerate config, not the args
             raise ValueError(SHARDING_UNSUPPORTED)
+        if args.n_gpu > 1:
+            # Several GPUs in one process: the Trainer would wrap the model in nn.DataParallel, whose replicas
+            # share omega's gates across devices (and TRL refuses it too).
+            raise ValueError(
+                f"This process sees {args.n_gpu} GPUs and was not started by a distributed launcher, so the Trainer "
+                "would use torch.nn.DataParallel, which WeightLoRA does not support. Launch with `accelerate launch "
+                "--num_processes N` or `torchrun --nproc_per_node N` (one process per GPU), or expose one GPU with "
+                "CUDA_VISIBLE_DEVICES."
+            )
         self.weight_lora = WeightLoraModel(self.model)
         if args.max_steps > 0:
             self.weight_lora.set_max_steps(args.max_steps)  # refuse an impossible T now, not at train()
@@ -125,6 +134,7 @@ class WeightLoraMixin:
         # `found_inf` set on them and skip the update inside their kernel. omega must skip too.
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf):
+            self.weight_lora.skip_omega_step()
             return
         self.weight_lora.omega_step(grad)
 
@@ -134,6 +144,11 @@ class WeightLoraMixin:
         weight_lora = self.weight_lora
         if weight_lora.selection_steps is None:
             weight_lora.set_max_steps(self.state.max_steps)
+        if self._omega_grad is not None:
+            # omega's gradient from the last step was never applied: the GradScaler skipped that optimizer step
+            # (and the pre-hook with it) on an fp16 overflow.
+            self._omega_grad = None
+            weight_lora.skip_omega_step()
         if not weight_lora.switched and self.state.global_step >= weight_lora.selection_steps:
             self._switch()
         if model is not self.model_wrapped:
@@ -170,6 +185,7 @@ class WeightLoraMixin:
         self._weight_lora_logs = {
             "weight_lora/kept_adapters": self.weight_lora.k,
             "weight_lora/total_adapters": self.weight_lora.num_adapters,
+            **{f"weight_lora/omega_steps_{outcome}": count for outcome, count in self.weight_lora.omega_steps.items()},
         }
 
     def _rewrap_ddp(self) -> DistributedDataParallel:

@@ -26,12 +26,12 @@ from transformers import (
 VOCAB = ["<pad>", "<eos>", "<unk>"] + list(string.ascii_letters + string.digits + string.punctuation + " \n")
 
 
-def tiny_llama(num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(num_layers: int = 2, seed: int = 0, intermediate_size: int = 96) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(VOCAB),
         hidden_size=64,
-        intermediate_size=96,  # differs from hidden, so adapters of q/k/v/o and of the MLP have different shapes
+        intermediate_size=intermediate_size,  # differs from hidden: q/k/v/o and MLP adapters have different shapes
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,

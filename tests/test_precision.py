@@ -129,6 +129,10 @@ def test_fp16_grad_scaler_unscales_omega_and_skips_with_the_step(tmp_path, optim
     scaler.step(optimizer)
     scaler.update()
     assert torch.equal(weight_lora.omega, before)
+    # A fused optimizer is stepped with found_inf set, so omega's pre-hook runs and records the skip; a plain one
+    # is not stepped at all (the trainer records that skip at the next step, checked on a GPU in tests/gpu).
+    fused = optim == "adamw_torch_fused"
+    assert weight_lora.omega_steps["skipped_by_grad_scaler"] == int(fused)
 
     optimizer.zero_grad()
     scaler.scale(model(input_ids=IDS, labels=IDS).loss).backward()

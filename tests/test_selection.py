@@ -10,6 +10,7 @@ from wlora_trl.selection import (
     OMEGA_PARAMETER_NAME,
     SKIPPED_NO_GRADIENT,
     SKIPPED_NONFINITE,
+    SKIPPED_WITH_OPTIMIZER,
     STEP_TAKEN,
     stoiht_step,
     top_k_mask,
@@ -30,16 +31,19 @@ def test_top_k_breaks_ties_by_lower_index():
 
 def test_stoiht_step_is_sgd_then_threshold():
     omega = torch.ones(4)
-    assert stoiht_step(omega, torch.tensor([1.0, -2.0, 0.5, 3.0]), lr=0.1, k=2) == STEP_TAKEN
+    assert stoiht_step(omega, torch.tensor([1.0, -2.0, 0.5, 3.0]), lr=0.1, k=2).item() == STEP_TAKEN
     torch.testing.assert_close(omega, torch.tensor([0.0, 1.2, 0.95, 0.0]))  # from [0.9, 1.2, 0.95, 0.7]
 
 
 def test_stoiht_step_skips_zero_and_non_finite_gradients():
     omega = torch.ones(4)
-    assert stoiht_step(omega, torch.zeros(4), lr=0.1, k=2) == SKIPPED_NO_GRADIENT  # step 1: B = 0
-    assert stoiht_step(omega, torch.tensor([1.0, float("nan"), 0.0, 0.0]), lr=0.1, k=2) == SKIPPED_NONFINITE
-    assert stoiht_step(omega, torch.tensor([float("inf"), 0.0, 0.0, 0.0]), lr=0.1, k=2) == SKIPPED_NONFINITE
-    assert stoiht_step(omega, None, lr=0.1, k=2) == SKIPPED_NO_GRADIENT
+    assert stoiht_step(omega, torch.zeros(4), lr=0.1, k=2).item() == SKIPPED_NO_GRADIENT  # step 1: B = 0
+    assert stoiht_step(omega, torch.tensor([1.0, float("nan"), 0.0, 0.0]), lr=0.1, k=2).item() == SKIPPED_NONFINITE
+    assert stoiht_step(omega, torch.tensor([float("inf"), 0.0, 0.0, 0.0]), lr=0.1, k=2).item() == SKIPPED_NONFINITE
+    assert stoiht_step(omega, None, lr=0.1, k=2).item() == SKIPPED_NO_GRADIENT
+    found_inf = torch.tensor(1.0)  # a fused optimizer's flag: the optimizer step is skipped, omega's too
+    step = stoiht_step(omega, torch.tensor([1.0, -2.0, 0.5, 3.0]), lr=0.1, k=2, skip=found_inf)
+    assert step.item() == SKIPPED_WITH_OPTIMIZER
     assert omega.tolist() == [1.0, 1.0, 1.0, 1.0]
 
 

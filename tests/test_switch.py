@@ -200,6 +200,10 @@ def test_custom_training_loop_without_a_trainer():
         if step == weight_lora.selection_steps:
             weight_lora.switch(optimizer)
     assert stepped[:4] == [False, True, True, True] and stepped[4:] == [False] * 6  # step 1: B = 0
+    assert weight_lora.omega_steps == {
+        "taken": 3, "skipped_no_gradient": 1, "skipped_nonfinite": 0, "skipped_by_grad_scaler": 0
+    }
+    assert weight_lora.report()["omega_steps"] == weight_lora.omega_steps
     assert len(_lora_layers(model)) == 7
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
         id(p) for p in model.parameters() if p.requires_grad

@@ -30,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import WeightLoraConfig
-from .selection import SKIPPED_NO_GRADIENT, SKIPPED_NONFINITE, STEP_TAKEN, OmegaGates, stoiht_step
+from .selection import OUTCOMES, SKIPPED_NONFINITE, SKIPPED_WITH_OPTIMIZER, STEP_TAKEN, OmegaGates, stoiht_step
 from .surgery import (
     adapter_parameters,
     alpha_for_rank,
@@ -41,8 +41,6 @@ from .surgery import (
 )
 
 logger = logging.getLogger(__name__)
-
-SKIPPED_BY_GRAD_SCALER = "skipped_by_grad_scaler"  # the fp16 GradScaler skipped the whole optimizer step
 
 
 @dataclass(frozen=True)
@@ -99,11 +97,11 @@ class WeightLoraModel:
         self.switched = False
         self.adapters: list[AdapterInfo] | None = None  # filled by the switch
         self.gates: OmegaGates | None = None
-        # What became of each StoIHT step: taken, skipped for a missing or all-zero gradient (step 1), skipped for
-        # a non-finite one, or skipped with the optimizer step by the fp16 GradScaler. Reported in selection.json.
-        self.omega_steps = {STEP_TAKEN: 0, SKIPPED_NO_GRADIENT: 0, SKIPPED_NONFINITE: 0, SKIPPED_BY_GRAD_SCALER: 0}
+        self._outcome_counts: torch.Tensor | None = None  # per outcome code of the StoIHT step, on omega's device
+        self._restored_counts = [0] * len(OUTCOMES)  # from a checkpoint
         if config.selection == "stoiht":
             self.gates = OmegaGates(model, self.base, [module for _, module in layers], self.adapter_name)
+            self._outcome_counts = torch.zeros(len(OUTCOMES), dtype=torch.int64, device=self.omega.device)
         if max_steps is not None:
             self.set_max_steps(max_steps)
 
@@ -131,31 +129,35 @@ class WeightLoraModel:
         grad, omega.grad = omega.grad, None
         return grad
 
-    def omega_step(self, grad: torch.Tensor | None = None) -> bool:
+    def omega_step(self, grad: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor | bool:
         """One StoIHT step: SGD on omega with `omega_lr`, then keep its K largest |omega_i|.
 
         Uses omega's accumulated gradient unless `grad` is given (the trainers pass the unscaled gradient they
-        took before clipping). Call once per optimizer step. Returns whether omega changed; it does not when the
-        gradient is missing, all zero (step 1: B = 0) or not finite, and never after the switch.
+        took before clipping); `skip` (a 0-d bool tensor such as a fused optimizer's `found_inf`) skips the step.
+        Call once per optimizer step. The step is skipped when the gradient is missing, all zero (step 1: B = 0)
+        or not finite, and it never runs after the switch (returns False). Returns whether omega changed, as a 0-d
+        bool tensor: the step itself never waits for the GPU, reading the result does. `omega_steps` counts
+        what became of every step.
         """
         if self.omega is None or self.switched:
             return False
         if grad is None:
             grad = self.take_omega_grad()
-        outcome = stoiht_step(self.omega, grad, self.config.omega_lr, self.k)
-        self.omega_steps[outcome] += 1
-        if outcome == SKIPPED_NONFINITE:
-            logger.warning(
-                "WeightLoRA: omega's gradient is not finite (inf or nan); its StoIHT step was skipped (%d so far). "
-                "With fp16, a lower initial loss scale or bf16 avoids this.",
-                self.omega_steps[SKIPPED_NONFINITE],
-            )
-        return outcome == STEP_TAKEN
+        code = stoiht_step(self.omega, grad, self.config.omega_lr, self.k, skip=skip)
+        self._outcome_counts.index_add_(0, code.reshape(1), torch.ones_like(code).reshape(1))
+        return code == STEP_TAKEN
 
     def skip_omega_step(self) -> None:
-        """Record a step skipped with the optimizer's (fp16 GradScaler overflow); omega is left alone."""
+        """Record a step that the optimizer skipped without stepping (fp16 GradScaler overflow); omega is left alone."""
         if self.omega is not None and not self.switched:
-            self.omega_steps[SKIPPED_BY_GRAD_SCALER] += 1
+            self._outcome_counts[SKIPPED_WITH_OPTIMIZER] += 1
+
+    @property
+    def omega_steps(self) -> dict[str, int]:
+        """What became of each StoIHT step so far: taken, or skipped for a missing or all-zero gradient (step 1),
+        a non-finite one, or with the optimizer step (fp16 GradScaler). Reading it waits for the GPU."""
+        counts = self._outcome_counts.tolist() if self._outcome_counts is not None else [0] * len(OUTCOMES)
+        return {name: restored + count for name, restored, count in zip(OUTCOMES, self._restored_counts, counts)}
 
     # --- the switch ------------------------------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class WeightLoraModel:
             raise RuntimeError("WeightLoRA: the switch already happened; the model is plain LoRA now.")
         kept = self.select(seed) if kept is None else sorted(kept)
         kept_set = set(kept)
+        self._warn_about_nonfinite_steps()
         omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
         if self.gates is not None:
             self.gates.remove()
@@ -244,6 +247,15 @@ class WeightLoraModel:
         )
         return infos
 
+    def _warn_about_nonfinite_steps(self) -> None:
+        skipped = self.omega_steps[OUTCOMES[SKIPPED_NONFINITE]]
+        if skipped:
+            logger.warning(
+                "WeightLoRA: %d of omega's StoIHT steps were skipped because its gradient was not finite (inf or nan). "
+                "With fp16, bf16 or a lower initial loss scale avoids this; see omega_steps in selection.json.",
+                skipped,
+            )
+
     # --- state for checkpoints and reports -------------------------------------------------------------------
 
     def report(self, step: int | None = None) -> dict:
@@ -287,7 +299,8 @@ class WeightLoraModel:
                 "and config; resume with the same model, target_modules and k."
             )
         self.selection_steps = report["selection_steps"]
-        self.omega_steps.update(report.get("omega_steps", {}))
+        restored = report.get("omega_steps", {})
+        self._restored_counts = [int(restored.get(name, 0)) for name in OUTCOMES]
         if report["switched"]:
             kept = [a["index"] for a in report["adapters"] if a["kept"]]
             self.switch(kept=kept)

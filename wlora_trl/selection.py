@@ -43,31 +43,43 @@ def top_k_mask(omega: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-# Outcomes of one StoIHT step, as `stoiht_step` returns them.
-STEP_TAKEN = "taken"
-SKIPPED_NO_GRADIENT = "skipped_no_gradient"  # missing or all zero: step 1 (B = 0), or omega unused
-SKIPPED_NONFINITE = "skipped_nonfinite"  # inf/nan: would poison omega
+# Outcomes of one StoIHT step, as codes (`stoiht_step` returns one as a 0-d tensor) and as the names reports use.
+STEP_TAKEN = 0
+SKIPPED_NO_GRADIENT = 1  # missing or all zero: step 1 (every B is 0), or omega unused
+SKIPPED_NONFINITE = 2  # inf/nan: it would poison omega
+SKIPPED_WITH_OPTIMIZER = 3  # the optimizer step was skipped (fp16 GradScaler overflow); omega is left alone too
+OUTCOMES = ("taken", "skipped_no_gradient", "skipped_nonfinite", "skipped_by_grad_scaler")
 
 
 @torch.no_grad()
-def stoiht_step(omega: torch.Tensor, grad: torch.Tensor | None, lr: float, k: int) -> str:
-    """One StoIHT step in place: `omega <- H_K(omega - lr * grad)`. Returns what happened (`STEP_TAKEN` or why not).
+def stoiht_step(
+    omega: torch.Tensor, grad: torch.Tensor | None, lr: float, k: int, skip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One StoIHT step in place: `omega <- H_K(omega - lr * grad)`, unless the step must be skipped.
 
-    The step is skipped when the gradient is missing, all zero or not finite. An all-zero gradient happens at
-    step 1, where every B is zero; thresholding the untouched, all-equal omega would then keep the first K
-    adapters by index and remove the rest for good. A non-finite gradient would poison omega.
+    Skipped when the gradient is missing, all zero or not finite, or when `skip` (a 0-d bool tensor, e.g. a fused
+    optimizer's `found_inf`) is true. An all-zero gradient happens at step 1, where every B is zero; thresholding the
+    untouched, all-equal omega would then keep the first K adapters by index and remove the rest for good. A
+    non-finite gradient would poison omega.
+
+    Returns the outcome code (`STEP_TAKEN`, `SKIPPED_*`) as a 0-d tensor on omega's device. The decision is made on
+    the device, so the step never waits for the GPU; reading the code does.
     """
     if grad is None:
-        return SKIPPED_NO_GRADIENT
+        return torch.full((), SKIPPED_NO_GRADIENT, device=omega.device)
     grad = grad.to(device=omega.device, dtype=omega.dtype)
-    finite, nonzero = torch.stack([torch.isfinite(grad).all(), grad.ne(0).any()]).tolist()  # one host sync
-    if not finite:
-        return SKIPPED_NONFINITE
-    if not nonzero:
-        return SKIPPED_NO_GRADIENT
-    omega.sub_(grad, alpha=lr)
-    omega.mul_(top_k_mask(omega, k))
-    return STEP_TAKEN
+    finite = torch.isfinite(grad).all()
+    nonzero = grad.ne(0).any()
+    stepped = omega - lr * grad
+    stepped.mul_(top_k_mask(stepped, k))
+    take = finite & nonzero
+    code = torch.where(finite, torch.where(nonzero, STEP_TAKEN, SKIPPED_NO_GRADIENT), SKIPPED_NONFINITE)
+    if skip is not None:
+        skip = skip.to(device=omega.device, dtype=torch.bool).reshape(())
+        take = take & ~skip
+        code = torch.where(skip, SKIPPED_WITH_OPTIMIZER, code)
+    omega.copy_(torch.where(take, stepped, omega))
+    return code
 
 
 class OmegaGates:

@@ -130,13 +130,10 @@ class WeightLoraMixin:
     def _omega_step_hook(self, optimizer, args, kwargs) -> None:
         grad, self._omega_grad = self._omega_grad, None
         # On an fp16 overflow the GradScaler skips `optimizer.step()`, and this hook with it, except for optimizers
-        # that handle scaling themselves (fused AdamW, the Trainer's default): those are stepped anyway with
-        # `found_inf` set on them and skip the update inside their kernel. omega must skip too.
-        found_inf = getattr(optimizer, "found_inf", None)
-        if found_inf is not None and bool(found_inf):
-            self.weight_lora.skip_omega_step()
-            return
-        self.weight_lora.omega_step(grad)
+        # that handle scaling themselves (fused AdamW, the Trainer's default on CUDA): those are stepped anyway with
+        # `found_inf` set on them and skip the update inside their kernel. omega must skip too; the flag is read on
+        # the device, so this step does not wait for the GPU.
+        self.weight_lora.omega_step(grad, skip=getattr(optimizer, "found_inf", None))
 
     # --- the training step: the switch at the start of step T+1, omega's gradient after the last micro-batch ---
 
@@ -172,7 +169,9 @@ class WeightLoraMixin:
         scaler = getattr(self.accelerator, "scaler", None)
         if grad is None or scaler is None or not scaler.is_enabled():
             return grad
-        return grad.float() / scaler.get_scale()
+        # The scale as a device tensor where torch exposes it: `get_scale()` returns a float, a GPU sync per step.
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+        return grad.float() / (scale if scale is not None else scaler.get_scale())
 
     def _switch(self) -> None:
         if self._omega_hook is not None:

@@ -2,15 +2,23 @@
 
     python benchmarks/speed.py                           # SmolLM2-135M-Instruct, all 7 projections, r=8, CPU
     python benchmarks/speed.py --device cuda --dtype bfloat16
-    python benchmarks/speed.py --model llama3-8b-shapes --device cuda --dtype bfloat16   # random weights
+    python benchmarks/speed.py --model llama3-8b-shapes --r 16 --batch 4 --seq 512 --device cuda --dtype bfloat16
+    python benchmarks/speed.py --model smollm2-135m-shapes --device cuda --dtype bfloat16   # random weights
+
+Models: a hub id or local path, or random weights built from a config: `llama3-8b-shapes` (Llama-3-8B: 32 layers,
+hidden 4096, MLP 14336, GQA 32/8 heads, vocab 128256), `smollm2-135m-shapes` (SmolLM2-135M: 30 layers, hidden 576,
+where Python overhead shows on a GPU), `tiny` (CI). The variants share the frozen base weights, so an 8B-shape run
+holds one copy of them.
 
 Variants, each an optimizer step (forward, backward, AdamW step) on the same batch:
   lora            plain LoRA on all n modules                              (the baseline)
   warmup          WeightLoRA before the switch (omega gates, StoIHT step)   target <= 1.05 x lora
+  warmup_hooks    the same with v0.1's gates (a forward hook per lora_A)    for comparison: what the gates cost before
   switched        WeightLoRA after the switch (K = n/2)                     target <= 1.02 x lora_same_modules
   lora_same       plain LoRA placed from the start on exactly the kept modules
   plus_switched   WeightLoRA+ after the switch (K = n/2, rank 2r)          target <= 1.05 x lora
-plus the wall time of the switch itself (target < 1 s on CPU).
+plus the wall time of the switch itself (target < 1 s). With `--dtype bfloat16` on CUDA the steps run under bf16
+autocast, as the Trainer's `bf16=True` does (PEFT keeps the adapters in fp32); `--autocast off` runs without.
 
 Timing: the variants' steps are interleaved round by round in one process, so drift and background load hit all of
 them alike; the median over rounds is reported. Memory: on CUDA, peak allocated bytes per variant in this process;
@@ -42,44 +50,81 @@ sys.path.insert(0, str(REPO))
 
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
 
-VARIANTS = ["lora", "warmup", "switched", "lora_same", "plus_switched"]
+VARIANTS = ["lora", "warmup", "warmup_hooks", "switched", "lora_same", "plus_switched"]
 TARGETS = {  # variant: (baseline, largest allowed ratio)
     "warmup": ("lora", 1.05),
     "switched": ("lora_same", 1.02),
     "plus_switched": ("lora", 1.05),
 }
+COMPARISONS = {"warmup_hooks": "lora"}  # reported, not a target: v0.1's gates, the "before" of the current ones
+CONFIGS = {  # random-weight models: the shapes of real ones
+    "llama3-8b-shapes": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    "smollm2-135m-shapes": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+    ),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+}
 
 
 def load_base(name: str, dtype: torch.dtype, device: str, layers: int | None):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if name == "llama3-8b-shapes":
-        config = LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
-            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        )
-        with torch.device(device):
-            return LlamaForCausalLM(config).to(dtype)
-    if name == "tiny":  # the CI smoke run
-        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers or 2,
-                             num_attention_heads=4, num_key_value_heads=2)
-        return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    if name in CONFIGS:
+        config = LlamaConfig(**{**CONFIGS[name], **({"num_hidden_layers": layers} if layers else {})})
+        with torch.device(device):  # built in place, in its dtype: an 8B model never exists in fp32 or on the CPU
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     from wlora_trl.local_models import resolve_model
 
     return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).to(device)
 
 
+def copy_sharing_base_weights(base):
+    """A copy of the model whose frozen base parameters and buffers are the original's tensors: PEFT replaces the
+    copy's modules, never the weights, so every variant trains its own adapters on one shared base."""
+    memo = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    return copy.deepcopy(base, memo)
+
+
+class HookGate:
+    """v0.1's gate, for comparison: a forward hook on `lora_A` multiplying its output by omega[index]."""
+
+    def __init__(self, omega, index):
+        self.omega, self.index = omega, index
+
+    def __call__(self, module, inputs, output):
+        return output * self.omega[self.index].to(output.dtype)
+
+
+def use_hook_gates(weight_lora: WeightLoraModel) -> None:
+    """Swap the current gates (omega in PEFT's scaling) for v0.1's forward hooks, keeping omega and its step."""
+    gates = weight_lora.gates
+    for handle in gates._handles:  # the refresh pre-hook
+        handle.remove()
+    for index, (layer, scaling) in enumerate(zip(gates.layers, gates.scalings)):
+        layer.scaling[gates.adapter_name] = scaling
+        layer.lora_A[gates.adapter_name].register_forward_hook(HookGate(gates.omega, index))
+
+
 class Variant:
     """One trainable model of a variant, with its optimizer and (for WeightLoRA) its WeightLoraModel."""
 
-    def __init__(self, model, weight_lora: WeightLoraModel | None, lr: float = 1e-4):
+    def __init__(self, model, weight_lora: WeightLoraModel | None, autocast: torch.dtype | None, lr: float = 1e-4):
         self.model = model
         self.weight_lora = weight_lora
+        self.autocast = autocast
         params = weight_lora.trainable_parameters() if weight_lora else [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr)
 
     def step(self, batch) -> None:
-        self.model(**batch).loss.backward()
+        device_type = batch["input_ids"].device.type
+        with torch.autocast(device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            loss = self.model(**batch).loss
+        loss.backward()
         if self.weight_lora is not None:
             self.weight_lora.omega_step()
         self.optimizer.step()
@@ -87,6 +132,9 @@ class Variant:
 
     def trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def adapters(self) -> int:
+        return sum(1 for _, m in self.model.named_modules() if hasattr(m, "lora_A") and m.lora_A)
 
 
 def make_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0):
@@ -98,17 +146,21 @@ def make_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0):
 def build(variant: str, base, args, warmup_batch, kept_names=None) -> tuple[Variant, float | None, list[str] | None]:
     """A ready-to-time variant; for the switched ones also the switch's wall time and the kept modules."""
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = copy.deepcopy(base)
+    model = copy_sharing_base_weights(base)
+    autocast = autocast_dtype(args)
     if variant == "lora":
-        return Variant(get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets)), None), None, None
+        cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets)
+        return Variant(get_peft_model(model, cfg), None, autocast), None, None
     if variant == "lora_same":
         cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=list(kept_names))
-        return Variant(get_peft_model(model, cfg), None), None, None
+        return Variant(get_peft_model(model, cfg), None, autocast), None, None
     plus = variant == "plus_switched"
     cfg = WeightLoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, selection_steps=2, plus=plus)
     weight_lora = WeightLoraModel(get_peft_model(model, cfg), max_steps=10)
-    runner = Variant(weight_lora.model, weight_lora)
-    if variant == "warmup":
+    runner = Variant(weight_lora.model, weight_lora, autocast)
+    if variant == "warmup_hooks":
+        use_hook_gates(weight_lora)
+    if variant in ("warmup", "warmup_hooks"):
         return runner, None, None
     for _ in range(weight_lora.selection_steps):  # a real warm-up, so omega is thresholded before the switch
         runner.step(warmup_batch)
@@ -118,6 +170,13 @@ def build(variant: str, base, args, warmup_batch, kept_names=None) -> tuple[Vari
     sync(args.device)
     seconds = time.perf_counter() - start
     return runner, seconds, [a.module for a in weight_lora.adapters if a.kept]
+
+
+def autocast_dtype(args) -> torch.dtype | None:
+    """bf16 autocast for bf16 runs on CUDA (what the Trainer's bf16=True does), unless --autocast says otherwise."""
+    if args.autocast == "on" or (args.autocast == "auto" and args.device.startswith("cuda") and args.dtype == "bfloat16"):
+        return torch.bfloat16
+    return None
 
 
 def sync(device: str) -> None:
@@ -198,6 +257,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--autocast", default="auto", choices=["auto", "on", "off"],
+                        help="bf16 autocast around forward (auto: on for bf16 on CUDA)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/speed_<model>_<device>.json)")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kept", default=None, help=argparse.SUPPRESS)
@@ -212,7 +273,7 @@ def main() -> None:
     warmup_batch = make_batch(vocab, args.batch, args.seq, args.device, seed=1)
 
     runners, switch_seconds = {}, {}
-    for name in ["lora", "warmup", "switched", "plus_switched"]:
+    for name in ["lora", "warmup", "warmup_hooks", "switched", "plus_switched"]:
         runners[name], seconds, kept = build(name, base, args, warmup_batch)
         if seconds is not None:
             switch_seconds[name] = seconds
@@ -232,13 +293,14 @@ def main() -> None:
         else:
             child = [sys.executable, __file__, "--memory-of", name, "--model", args.model, "--r", str(args.r),
                      "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype,
-                     "--kept", json.dumps(kept_names)]
+                     "--autocast", args.autocast, "--kept", json.dumps(kept_names)]
             if args.layers:
                 child += ["--layers", str(args.layers)]
             out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
             memory[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_delta"]
 
     ratios = {name: median[name] / median[base_name] for name, (base_name, _) in TARGETS.items()}
+    ratios.update({name: median[name] / median[base_name] for name, base_name in COMPARISONS.items()})
     checks = {
         **{f"{name}/{TARGETS[name][0]} <= {TARGETS[name][1]}": ratios[name] <= TARGETS[name][1] for name in TARGETS},
         "switched peak memory < lora": memory["switched"] < memory["lora"],
@@ -252,9 +314,14 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cpus": __import__("os").cpu_count(),
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "cuda": torch.version.cuda if args.device.startswith("cuda") else None,
         },
         "versions": {pkg: __import__(pkg).__version__ for pkg in ["torch", "transformers", "peft"]},
-        "settings": {k: getattr(args, k) for k in ["model", "layers", "r", "batch", "seq", "rounds", "device", "dtype"]},
+        "settings": {
+            **{k: getattr(args, k) for k in ["model", "layers", "r", "batch", "seq", "rounds", "device", "dtype"]},
+            "autocast": str(autocast_dtype(args)).removeprefix("torch.") if autocast_dtype(args) else None,
+            "adapters": runners["lora"].adapters(),
+        },
         "trainable_parameters": {name: runner.trainable() for name, runner in runners.items()},
         "median_step_seconds": median,
         "step_seconds": times,
@@ -276,6 +343,8 @@ def main() -> None:
     print(f"\nswitch: {switch_seconds['switched'] * 1000:.1f} ms (WeightLoRA), {switch_seconds['plus_switched'] * 1000:.1f} ms (WeightLoRA+)")
     for check, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {check}" + (f"  ({ratios[check.split('/')[0]]:.3f})" if "/" in check else ""))
+    for name, base_name in COMPARISONS.items():
+        print(f"      {name}/{base_name} = {ratios[name]:.3f}  (v0.1's per-adapter hooks; warmup/lora = {ratios['warmup']:.3f})")
     print(f"\nwrote {output}")
 
 

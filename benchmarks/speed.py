@@ -13,7 +13,7 @@ holds one copy of them.
 Variants, each an optimizer step (forward, backward, AdamW step) on the same batch:
   lora            plain LoRA on all n modules                              (the baseline)
   warmup          WeightLoRA before the switch (omega gates, StoIHT step)   target <= 1.05 x lora
-  warmup_hooks    the same with v0.1's gates (a forward hook per lora_A)    for comparison: what the gates cost before
+  warmup_hooks    the same with v0.1's gates (a forward hook per lora_A)    for comparison: the gates before 0.2
   switched        WeightLoRA after the switch (K = n/2)                     target <= 1.02 x lora_same_modules
   lora_same       plain LoRA placed from the start on exactly the kept modules
   plus_switched   WeightLoRA+ after the switch (K = n/2, rank 2r)          target <= 1.05 x lora
@@ -101,13 +101,13 @@ class HookGate:
 
 
 def use_hook_gates(weight_lora: WeightLoraModel) -> None:
-    """Swap the current gates (omega in PEFT's scaling) for v0.1's forward hooks, keeping omega and its step."""
+    """Swap the current gates (omega on lora_A's weight) for v0.1's forward hooks, keeping omega and its step."""
     gates = weight_lora.gates
     for handle in gates._handles:  # the refresh pre-hook
         handle.remove()
-    for index, (layer, scaling) in enumerate(zip(gates.layers, gates.scalings)):
-        layer.scaling[gates.adapter_name] = scaling
-        layer.lora_A[gates.adapter_name].register_forward_hook(HookGate(gates.omega, index))
+    for index, module in enumerate(gates.modules):
+        module.__class__ = torch.nn.Linear
+        module.register_forward_hook(HookGate(gates.omega, index))
 
 
 class Variant:

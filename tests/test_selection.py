@@ -9,6 +9,7 @@ from wlora_trl import WeightLoraConfig, WeightLoraModel
 from wlora_trl.selection import (
     OMEGA_PARAMETER_NAME,
     SKIPPED_NO_GRADIENT,
+    OmegaGatedLinear,
     SKIPPED_NONFINITE,
     SKIPPED_WITH_OPTIMIZER,
     STEP_TAKEN,
@@ -107,11 +108,11 @@ class _AdapterOutputGate:
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
 @pytest.mark.parametrize("pattern", [False, True], ids=["one_scaling", "rank_and_alpha_pattern"])
 def test_gate_value_and_gradient_match_a_gate_on_the_adapter_output(checkpointing, pattern):
-    """omega enters through PEFT's scaling; value and gradient must be those of `omega_i * scaling_i * B(A(x))`.
+    """omega scales lora_A's weight; value and gradient must be those of `omega_i * scaling_i * B(A(x))`.
 
-    Checked with different scalings per module (each group of equal scalings shares one multiply) and with both
-    kinds of gradient checkpointing: reentrant checkpointing back-propagates through the shared gate nodes once per
-    segment, which fails if any of them saved a tensor.
+    Checked with different ranks and scalings per module and with both kinds of gradient checkpointing: reentrant
+    checkpointing back-propagates through the shared gate nodes once per segment, which fails if any of them saved
+    a tensor.
     """
     extra = dict(rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 16, "down_proj": 2}) if pattern else {}
     cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian", **extra)
@@ -133,8 +134,8 @@ def test_gate_value_and_gradient_match_a_gate_on_the_adapter_output(checkpointin
     omega_values = torch.linspace(-0.5, 1.5, 14)
     model = build(WeightLoraConfig(**cfg, k=3, selection_steps=3))
     weight_lora = WeightLoraModel(model)
-    scalings = {layer.scaling["default"].item() if torch.is_tensor(layer.scaling["default"]) else None
-                for layer in weight_lora.gates.layers}
+    layers = [m for _, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+    scalings = {layer.scaling["default"] for layer in layers}
     assert len(scalings) == (3 if pattern else 1)  # 8/4 = 2; with the patterns also q: 16/2 = 8, down: 2/4 = 0.5
     with torch.no_grad():
         weight_lora.omega.copy_(omega_values)
@@ -154,13 +155,14 @@ def test_gate_value_and_gradient_match_a_gate_on_the_adapter_output(checkpointin
     torch.testing.assert_close(weight_lora.omega.grad, omega.grad, rtol=1e-4, atol=1e-8)
 
 
-def test_removing_the_gates_gives_the_layers_their_float_scaling_back():
-    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"q_proj": 2}, k=3)
+def test_gates_swap_lora_a_class_only_and_leave_no_trace_when_removed(tmp_path):
+    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=3)
     model = get_peft_model(tiny_llama(), cfg)
-    layers = [m for _, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
-    floats = [layer.scaling["default"] for layer in layers]
+    lora_a = [m.lora_A["default"] for _, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+    keys = set(model.state_dict())
     weight_lora = WeightLoraModel(model)
-    assert all(torch.is_tensor(layer.scaling["default"]) for layer in layers)
+    assert all(type(m) is OmegaGatedLinear and isinstance(m, torch.nn.Linear) for m in lora_a)
+    assert set(model.state_dict()) == keys | {OMEGA_PARAMETER_NAME}  # the gate is no parameter or buffer
     weight_lora.gates.remove()
-    assert [layer.scaling["default"] for layer in layers] == floats and all(type(s) is float for s in floats)
-    assert not hasattr(model, OMEGA_PARAMETER_NAME)
+    assert all(type(m) is torch.nn.Linear and "omega_gate" not in m.__dict__ for m in lora_a)
+    assert set(model.state_dict()) == keys and not hasattr(model, OMEGA_PARAMETER_NAME)

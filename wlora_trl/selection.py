@@ -1,19 +1,21 @@
 """omega, its gates on the LoRA adapters, and the StoIHT step that trains it.
 
-During the selection phase adapter i computes `(omega_i * scaling_i) * B(A(dropout(x)))`. The gate is PEFT's own
-multiplication by `scaling`: for the warm-up, each LoRA layer's `scaling[adapter]` (a Python float in stock PEFT)
-becomes a 0-d tensor `omega_i * scaling_i`, refreshed once per model forward by a pre-hook on the model. So the
-gate costs no extra module call and no extra kernel in the forward (the multiplication happens anyway), one
-multiply and one unbind per device and forward for all n adapters together, and in the backward the one reduction
-per adapter that omega's gradient needs. (v0.1 put a forward hook on every `lora_A`: 8-13% slower steps wherever
-Python overhead shows; `benchmarks/speed.py` keeps that gate as the `warmup_hooks` variant for comparison.)
-
-Precision: omega is an fp32 parameter. The product with the adapter's output happens in that output's dtype (bf16
-under bf16 training: omega_i * scaling_i is rounded to 8 significant bits there, the same relative error as the
-adapter output itself), and omega's gradient is reduced in that dtype and handed back in fp32. StoIHT updates the
-fp32 omega, so small steps accumulate exactly. In fp16 the reduction can overflow only where |grad omega_i| exceeds
-about scaling_i * 65504 / loss_scale (about 2 for a typical alpha/r = 2 at the initial scale 2^16; measured
-|grad omega| on SmolLM2 is below 1e-2); such a step is skipped and counted, never applied.
+During the selection phase adapter i computes `scaling * B((omega_i * A)(dropout(x)))`, which is the paper's
+`omega_i * scaling * B(A(dropout(x)))`. The gate scales the weight of `lora_A` (r x in_features), not an activation:
+for the warm-up each `lora_A` becomes an `OmegaGatedLinear` (a class swap on the same module object, so its
+parameters, state-dict keys and everything PEFT saves stay as they were), whose forward is
+`linear(x, A * omega_i)`. Why there:
+- memory: nothing token-sized is saved for omega's gradient; the weight is a parameter anyway. Gating the adapter's
+  output instead (PEFT's `scaling`, tried first) kept every adapter's out_features-wide output alive for the
+  backward: +5.4 GB at Llama-3-8B shapes and 2048 tokens (benchmarks/results, H200).
+- precision: A is fp32 (PEFT keeps adapters fp32 on bf16/fp16 bases), so `A * omega_i` is exact in fp32, and
+  omega's gradient `<A, dL/d(A omega_i)>` is reduced in fp32 from fp32 weight gradients: no bf16 rounding of omega,
+  no fp16 overflow where the LoRA gradients themselves do not overflow.
+- cost: one multiply on a small tensor per adapter, whatever the number of tokens, no per-call Python hook (v0.1
+  hooked every `lora_A`: 8-20% slower warm-up steps where Python overhead shows; `benchmarks/speed.py` keeps that
+  gate as its `warmup_hooks` variant).
+The 0-d gates `omega_i` are views from one `unbind` of omega (one copy per other device), refreshed by a pre-hook
+on the model at every forward.
 
 omega is one fp32 `nn.Parameter` of shape (n,), registered on the `PeftModel` itself, not on a tuner layer, so
 PEFT's adapter file never contains it (PEFT saves tuner-layer parameters whose names contain "lora_"), while DDP
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -82,64 +85,68 @@ def stoiht_step(
     return code
 
 
-class OmegaGates:
-    """omega (ones at start) and its gates: each LoRA layer's `scaling[adapter]` becomes `omega_i * scaling_i`.
+class OmegaGatedLinear(nn.Linear):
+    """`lora_A` of one adapter during the warm-up: `linear(x, A * omega_i)`.
 
-    `layers` are the LoRA layers in adapter order. omega lives on the first layer's device; a layer on another
-    device (a model spread over devices with `device_map`) gets its gate moved to its own device, one copy per
-    device and forward.
+    Only ever made by swapping the class of an existing `nn.Linear` (and swapped back at the switch): same object,
+    same parameters. `omega_gate` (a 0-d tensor) sits in the instance `__dict__`, not in `_parameters` or
+    `_buffers`, so no state dict, optimizer or `.to()` ever sees it.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight * self.__dict__["omega_gate"], self.bias)
+
+
+class OmegaGates:
+    """omega (ones at start) and its gates on the `lora_A` of each LoRA layer, in adapter order.
+
+    omega lives on the first adapter's device; an adapter on another device (a model spread over devices with
+    `device_map`) gets its gate from a copy of omega on its own device, one copy per device and forward.
     """
 
     def __init__(self, owner: nn.Module, root: nn.Module, layers: list[nn.Module], adapter_name: str) -> None:
         self.owner = owner
-        self.layers = layers
         self.adapter_name = adapter_name
-        self.scalings = [float(layer.scaling[adapter_name]) for layer in layers]
-        device = layers[0].lora_A[adapter_name].weight.device
-        self.omega = nn.Parameter(torch.ones(len(layers), dtype=torch.float32, device=device))
+        self.modules: list[nn.Linear] = [layer.lora_A[adapter_name] for layer in layers]
+        for module in self.modules:
+            if type(module) is not nn.Linear:
+                raise TypeError(
+                    f"WeightLoRA gates plain nn.Linear lora_A modules; this model's is a {type(module).__name__}."
+                )
+        self.omega = nn.Parameter(torch.ones(len(self.modules), dtype=torch.float32, device=self.modules[0].weight.device))
         owner.register_parameter(OMEGA_PARAMETER_NAME, self.omega)
-        # Per device: the adapters there, and the scaling most of them share (all of them, unless rank_pattern or
-        # alpha_pattern differ): those get their gates from one multiply, the others one multiply each.
         by_device: dict[torch.device, list[int]] = defaultdict(list)
-        for index, layer in enumerate(layers):
-            by_device[layer.lora_A[adapter_name].weight.device].append(index)
-        self._devices = []
-        for device, indices in by_device.items():
-            values = [self.scalings[i] for i in indices]
-            common = max(set(values), key=values.count)
-            self._devices.append((device, common, [i for i in indices if self.scalings[i] == common],
-                                  [i for i in indices if self.scalings[i] != common]))
+        for index, module in enumerate(self.modules):
+            by_device[module.weight.device].append(index)
+        self._by_device = list(by_device.items())
+        for module in self.modules:
+            module.__class__ = OmegaGatedLinear
         self._handles: list[RemovableHandle] = [root.register_forward_pre_hook(self._refresh_hook)]
         with torch.no_grad():
-            self.refresh()  # a layer called outside the model's forward still sees omega's current values
+            self.refresh()  # an adapter called outside the model's forward still sees omega's current values
 
     def _refresh_hook(self, module: nn.Module, args: tuple) -> None:
         self.refresh()
 
     def refresh(self) -> None:
-        """Write `omega_i * scaling_i` into every layer's scaling, as autograd-tracked 0-d tensors.
+        """Give every gated `lora_A` its omega entry, as autograd-tracked 0-d views of omega.
 
-        `aten.mul.Scalar` saves its factor as a number, not a tensor, and unbind and the device copy save no
-        tensors: with reentrant gradient checkpointing every checkpointed segment back-propagates through these
-        nodes again, which works only because nothing in them is freed after the first pass.
+        `unbind` and the copy to another device save no tensors for the backward: with reentrant gradient
+        checkpointing every checkpointed segment back-propagates through these nodes again, which works only
+        because nothing in them is freed after the first pass.
         """
-        name, layers = self.adapter_name, self.layers
-        for device, common, same, others in self._devices:
-            omega = self.omega if device == self.omega.device else self.omega.to(device)
-            gates = torch.ops.aten.mul.Scalar(omega, common).unbind(0)
-            for index in same:
-                layers[index].scaling[name] = gates[index]
-            if others:
-                entries = omega.unbind(0)
-                for index in others:
-                    layers[index].scaling[name] = torch.ops.aten.mul.Scalar(entries[index], self.scalings[index])
+        modules = self.modules
+        for device, indices in self._by_device:
+            gates = (self.omega if device == self.omega.device else self.omega.to(device)).unbind(0)
+            for index in indices:
+                modules[index].__dict__["omega_gate"] = gates[index]
 
     def remove(self) -> None:
-        """Take the gates off (every layer gets its float scaling back) and omega off the model: plain LoRA again."""
+        """Take the gates off (every `lora_A` is a plain nn.Linear again) and omega off the model: plain LoRA."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for layer, scaling in zip(self.layers, self.scalings):
-            if self.adapter_name in layer.scaling:
-                layer.scaling[self.adapter_name] = scaling
+        for module in self.modules:
+            module.__class__ = nn.Linear
+            module.__dict__.pop("omega_gate", None)
         delattr(self.owner, OMEGA_PARAMETER_NAME)

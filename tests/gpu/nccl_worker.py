@@ -31,7 +31,16 @@ def main() -> None:
     cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=4)
     args = cpu_args(cli.out, max_steps=8, per_device_train_batch_size=4, use_cpu=cli.device == "cpu")
     trainer = SequentialTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
-    record = {}
+    record = {"ddp_forced": False}
+    if "LOCAL_RANK" in os.environ and not trainer.accelerator.multi_device and cli.device == "cuda":
+        # accelerate wraps a CUDA run in DDP only with more than one process (`Accelerator.multi_device` needs
+        # num_processes > 1; on the CPU, gloo runs are wrapped at any size). Force the wrapper, so this one-process
+        # run takes the re-wrap path on NCCL that a multi-GPU run takes.
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
+        Accelerator.multi_device = property(lambda self: self.distributed_type == DistributedType.MULTI_GPU)
+        record["ddp_forced"] = True
     switch = trainer._switch
 
     def record_then_switch():

@@ -269,8 +269,10 @@ def test_gradient_checkpointing_gives_the_same_selection(tmp_path, device, use_r
 
 
 def test_one_process_torchrun_takes_the_ddp_rewrap_path(tmp_path, device):
-    """accelerate wraps even a one-process torchrun run in DDP (checked here, not assumed), so the switch re-wraps
-    it on NCCL (gloo in the CPU dry run); the result must equal a plain single-process run."""
+    """The switch re-wraps DDP on NCCL (gloo in the CPU dry run); the result must equal a plain single-process run.
+
+    accelerate does not wrap a one-process CUDA run in DDP (it does on the CPU), so the worker forces the wrapper
+    there (see nccl_worker.py) and records that it did."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(WORKER)]
     runs = {}
@@ -282,6 +284,7 @@ def test_one_process_torchrun_takes_the_ddp_rewrap_path(tmp_path, device):
         runs[name] = torch.load(out / "rank0.pt")
     ddp, plain = runs["torchrun"], runs["plain"]
     assert ddp["backend"] == ("nccl" if device == "cuda" else "gloo") and plain["backend"] is None
+    assert ddp["ddp_forced"] == (device == "cuda") and not plain["ddp_forced"]
     assert ddp["wrapper_before_switch"] == ddp["wrapper_after_switch"] == "DistributedDataParallel"
     assert ddp["wrapper_after_switch_is_new"] is True
     assert plain["wrapper_after_switch"] != "DistributedDataParallel"

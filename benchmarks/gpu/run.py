@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -39,16 +40,16 @@ PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
 
 SPEED_RUNS = {  # name: (speed.py flags on CUDA, flags in the dry run)
     "llama3-8b-shapes": (
-        ["--model", "llama3-8b-shapes", "--r", "16", "--batch", "4", "--seq", "512", "--rounds", "10"],
+        ["--model", "llama3-8b-shapes", "--r", "16", "--batch", "4", "--seq", "512", "--rounds", "20"],
         ["--model", "tiny", "--r", "16", "--batch", "2", "--seq", "16", "--rounds", "2"],
     ),
     "smollm2-135m-shapes": (
-        ["--model", "smollm2-135m-shapes", "--r", "8", "--batch", "2", "--seq", "128", "--rounds", "20"],
+        ["--model", "smollm2-135m-shapes", "--r", "8", "--batch", "2", "--seq", "128", "--rounds", "40"],
         ["--model", "tiny", "--r", "8", "--batch", "2", "--seq", "16", "--rounds", "2"],
     ),
 }
 # Seconds per step: well above what each took on an H100/H200, and together under the kit's 8-minute budget.
-STEP_LIMITS = {"tests": 240, "memory": 90, "speed:llama3-8b-shapes": 150, "speed:smollm2-135m-shapes": 60}
+STEP_LIMITS = {"tests": 240, "memory": 90, "speed:llama3-8b-shapes": 180, "speed:smollm2-135m-shapes": 90}
 TEST_LIMIT = 90  # per test, where pytest-timeout is installed: one hung test must not take the whole step's report
 
 
@@ -72,10 +73,13 @@ def environment(dry_run: bool) -> dict:
             versions[package] = None
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     cuda = torch.cuda.is_available() and not dry_run
+    # The GPU machine gets the working tree but may get an older .git, so `commit` can predate what ran; the
+    # fingerprint of the code that ran is what identifies it (`source_sha256` computes the same anywhere).
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "commit": commit or None,
+        "source_sha256": source_sha256(),
         "dry_run": dry_run,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "gpu": {
@@ -87,6 +91,16 @@ def environment(dry_run: bool) -> dict:
         } if cuda else None,
         "versions": versions,
     }
+
+
+def source_sha256() -> str:
+    """sha256 over the code the kit exercises (the package, the benchmarks, the GPU tests), path and bytes."""
+    digest = hashlib.sha256()
+    files = [*REPO.glob("wlora_trl/**/*.py"), *REPO.glob("benchmarks/**/*.py"), *REPO.glob("tests/gpu/*.py"),
+             REPO / "tests" / "conftest.py"]
+    for path in sorted(files):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def run_step(name: str, command: list[str], log: Path, env: dict | None = None) -> dict:
@@ -225,7 +239,7 @@ def render_table(summary: dict) -> str:
     lines = [
         f"Measured on {gpu['name']} ({gpu['memory_gib']} GiB), CUDA {gpu['cuda']}, torch {v['torch']}, "
         f"transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']}, bitsandbytes {v['bitsandbytes']}, "
-        f"{summary['date'][:10]}, commit {(summary['commit'] or '?')[:7]}.",
+        f"{summary['date'][:10]}, code fingerprint {summary['source_sha256'][:12]} (`source_sha256`).",
         "",
     ]
     tests = summary.get("tests") or []

@@ -10,16 +10,11 @@ import os
 import sys
 
 import torch
-from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from tests.conftest import addition_lm_dataset, cpu_args, tiny_llama  # noqa: E402
-from wlora_trl import WeightLoraConfig, WeightLoraTrainer  # noqa: E402
-
-
-class SequentialTrainer(WeightLoraTrainer):
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
+from tests.scripts.ddp_worker import SequentialTrainer  # noqa: E402
+from wlora_trl import WeightLoraConfig  # noqa: E402
 
 
 def main() -> None:

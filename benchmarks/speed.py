@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
+from wlora_trl.selection import stoiht_step  # noqa: E402
 
 VARIANTS = ["lora", "warmup", "warmup_hooks", "switched", "lora_same", "plus_switched"]
 TARGETS = {  # variant: (baseline, largest allowed ratio)
@@ -100,14 +101,20 @@ class HookGate:
         return output * self.omega[self.index].to(output.dtype)
 
 
-def use_hook_gates(weight_lora: WeightLoraModel) -> None:
-    """Swap the current gates (omega on lora_A's weight) for v0.1's forward hooks, keeping omega and its step."""
+def use_hook_gates(weight_lora: WeightLoraModel):
+    """Swap the current gates for v0.1's: one omega vector and a forward hook per lora_A. Returns its StoIHT step."""
     gates = weight_lora.gates
-    for handle in gates._handles:  # the refresh pre-hook
-        handle.remove()
+    omega = torch.nn.Parameter(torch.ones(len(gates.modules), device=gates.device))
     for index, module in enumerate(gates.modules):
         module.__class__ = torch.nn.Linear
-        module.register_forward_hook(HookGate(gates.omega, index))
+        module.__dict__.pop("omega_gate")
+        module.register_forward_hook(HookGate(omega, index))
+
+    def omega_step():
+        stoiht_step(omega, omega.grad, weight_lora.config.omega_lr, weight_lora.k)
+        omega.grad = None
+
+    return omega_step
 
 
 class Variant:
@@ -116,6 +123,7 @@ class Variant:
     def __init__(self, model, weight_lora: WeightLoraModel | None, autocast: torch.dtype | None, lr: float = 1e-4):
         self.model = model
         self.weight_lora = weight_lora
+        self.omega_step = weight_lora.omega_step if weight_lora is not None else None
         self.autocast = autocast
         params = weight_lora.trainable_parameters() if weight_lora else [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr)
@@ -125,8 +133,8 @@ class Variant:
         with torch.autocast(device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             loss = self.model(**batch).loss
         loss.backward()
-        if self.weight_lora is not None:
-            self.weight_lora.omega_step()
+        if self.omega_step is not None:
+            self.omega_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -159,7 +167,7 @@ def build(variant: str, base, args, warmup_batch, kept_names=None) -> tuple[Vari
     weight_lora = WeightLoraModel(get_peft_model(model, cfg), max_steps=10)
     runner = Variant(weight_lora.model, weight_lora, autocast)
     if variant == "warmup_hooks":
-        use_hook_gates(weight_lora)
+        runner.omega_step = use_hook_gates(weight_lora)
     if variant in ("warmup", "warmup_hooks"):
         return runner, None, None
     for _ in range(weight_lora.selection_steps):  # a real warm-up, so omega is thresholded before the switch

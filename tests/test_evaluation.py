@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
 
 from tests.conftest import char_tokenizer, tiny_llama
 from wlora_trl.evaluation.quick import greedy_generate, results_table, write_results
@@ -12,6 +18,10 @@ TEMPLATE = (
     "{% for m in messages %}{{ m['role'][0] | upper }}:{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}A:{% endif %}"
 )
+
+
+CONVERSATIONS = [[{"role": "user", "content": text}] for text in
+                 ["7+8=?", "a much longer question here", "hi", "12*3", "what is 5-2?"]]
 
 
 def chat_setup():
@@ -84,3 +94,19 @@ def test_results_table_and_files(tmp_path):
     assert saved["after"]["extra"] is None and saved["after"]["loss"] == 1.0172
     assert open(markdown_path).read() == f"# GSM8K check\n\n{table}\n"
     assert saved["before"] == results["before"]
+
+
+def test_generation_split_across_processes_gives_every_rank_every_answer_in_order(tmp_path):
+    """In a multi-GPU run each rank answers its share and all get all answers (rank 0 alone generating left the
+    others waiting in the next collective); two gloo processes must reproduce the one-process answers exactly."""
+    model, tokenizer = chat_setup()
+    expected = greedy_generate(model, tokenizer, CONVERSATIONS, max_new_tokens=8, batch_size=2, progress=False)
+    worker = Path(__file__).parent / "scripts" / "generation_worker.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                           str(tmp_path)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["answers"] == ranks[1]["answers"] == expected
+    assert len(set(expected)) > 1

@@ -66,7 +66,7 @@ def test_gates_at_one_leave_the_lora_model_unchanged_and_scale_the_adapter():
     with torch.no_grad():
         reference = lora(**_batch()).logits
         torch.testing.assert_close(weighted(**_batch()).logits, reference, rtol=0, atol=0)
-        weight_lora.omega.zero_()  # every adapter off: the base model
+        weight_lora.set_omega(torch.zeros(weight_lora.num_adapters))  # every adapter off: the base model
         with lora.disable_adapter():
             base = lora(**_batch()).logits
         torch.testing.assert_close(weighted(**_batch()).logits, base, rtol=0, atol=1e-6)
@@ -77,17 +77,20 @@ def test_omega_gets_a_gradient_only_once_b_is_nonzero_and_is_never_saved(tmp_pat
     model = get_peft_model(tiny_llama(), WeightLoraConfig(r=4, target_modules="all-linear", k=3, selection_steps=3))
     weight_lora = WeightLoraModel(model)
     model(**_batch()).loss.backward()
-    assert weight_lora.omega.grad is not None and not weight_lora.omega.grad.any()  # B = 0 at init
+    grads = [p.grad for p in weight_lora.omega_parameters()]
+    assert all(g is not None for g in grads) and not torch.stack(grads).any()  # B = 0 at init
     assert not weight_lora.omega_step()
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(std=0.1)
     model(**_batch()).loss.backward()
-    grad = weight_lora.omega.grad.clone()
+    grad = torch.stack([p.grad for p in weight_lora.omega_parameters()])
     assert grad.ne(0).all()
     assert weight_lora.omega_step()
     assert int(weight_lora.omega.ne(0).sum()) == 3
-    assert weight_lora.omega.grad is None  # taken by the step, so no optimizer can apply it again
+    # taken by the step, so no optimizer can apply it again; and the parameters see the thresholded values
+    assert all(p.grad is None for p in weight_lora.omega_parameters())
+    assert torch.equal(torch.stack([p.detach() for p in weight_lora.omega_parameters()]), weight_lora.omega)
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 
@@ -137,8 +140,7 @@ def test_gate_value_and_gradient_match_a_gate_on_the_adapter_output(checkpointin
     layers = [m for _, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
     scalings = {layer.scaling["default"] for layer in layers}
     assert len(scalings) == (3 if pattern else 1)  # 8/4 = 2; with the patterns also q: 16/2 = 8, down: 2/4 = 0.5
-    with torch.no_grad():
-        weight_lora.omega.copy_(omega_values)
+    weight_lora.set_omega(omega_values)
     out = model(**_batch())
     out.loss.backward()
 
@@ -152,7 +154,7 @@ def test_gate_value_and_gradient_match_a_gate_on_the_adapter_output(checkpointin
 
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-6)
     assert omega.grad.abs().min() > 0
-    torch.testing.assert_close(weight_lora.omega.grad, omega.grad, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(weight_lora.take_omega_grad(), omega.grad, rtol=1e-4, atol=1e-8)
 
 
 def test_gates_swap_lora_a_class_only_and_leave_no_trace_when_removed(tmp_path):
@@ -162,7 +164,31 @@ def test_gates_swap_lora_a_class_only_and_leave_no_trace_when_removed(tmp_path):
     keys = set(model.state_dict())
     weight_lora = WeightLoraModel(model)
     assert all(type(m) is OmegaGatedLinear and isinstance(m, torch.nn.Linear) for m in lora_a)
-    assert set(model.state_dict()) == keys | {OMEGA_PARAMETER_NAME}  # the gate is no parameter or buffer
+    # omega's n entries are the only new state (on the PeftModel, never in the adapter file); the gate is none
+    assert set(model.state_dict()) == keys | {f"{OMEGA_PARAMETER_NAME}.{i}" for i in range(weight_lora.num_adapters)}
     weight_lora.gates.remove()
     assert all(type(m) is torch.nn.Linear and "omega_gate" not in m.__dict__ for m in lora_a)
     assert set(model.state_dict()) == keys and not hasattr(model, OMEGA_PARAMETER_NAME)
+
+
+def test_omega_reaches_the_gates_after_the_parameters_storage_is_replaced():
+    """`.to(device)`, DDP's broadcasts and checkpoint loads may give a parameter new storage; omega is read and
+    written through its parameter objects, so the gates must still see every value the StoIHT step writes."""
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian")
+    model = get_peft_model(tiny_llama(), WeightLoraConfig(**cfg, k=3, selection_steps=3))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.1)
+    weight_lora = WeightLoraModel(model)
+    model._apply(lambda t: t.clone())  # what a device move does to every parameter's storage
+    weight_lora.set_omega(torch.zeros(weight_lora.num_adapters))
+    with torch.no_grad():
+        off = model(**_batch()).logits
+        with model.disable_adapter():
+            base = model(**_batch()).logits
+    torch.testing.assert_close(off, base, rtol=0, atol=1e-6)
+    weight_lora.set_omega(torch.ones(weight_lora.num_adapters))
+    model(**_batch()).loss.backward()
+    assert weight_lora.omega_step()
+    assert torch.equal(torch.stack([p.detach() for p in weight_lora.omega_parameters()]), weight_lora.omega)
+    assert int(weight_lora.omega.ne(0).sum()) == 3

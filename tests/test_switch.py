@@ -137,8 +137,8 @@ def test_reinit_false_keeps_the_function_through_the_switch(tmp_path):
                 p.data.normal_(std=0.05)
         with torch.no_grad():
             # A thresholded omega: K nonzero entries of both signs, the rest exactly zero.
-            weight_lora.omega.copy_(torch.linspace(-1.5, 1.2, weight_lora.num_adapters))
-            weight_lora.omega.mul_(top_k_mask(weight_lora.omega, weight_lora.k))
+            omega = torch.linspace(-1.5, 1.2, weight_lora.num_adapters)
+            weight_lora.set_omega(omega * top_k_mask(omega, weight_lora.k))
             ids = torch.arange(3, 19).reshape(2, 8)
             before = model(input_ids=ids).logits
             weight_lora.switch()

@@ -100,7 +100,7 @@ class WeightLoraModel:
         self._outcome_counts: torch.Tensor | None = None  # per outcome code of the StoIHT step, on omega's device
         self._restored_counts = [0] * len(OUTCOMES)  # from a checkpoint
         if config.selection == "stoiht":
-            self.gates = OmegaGates(model, self.base, [module for _, module in layers], self.adapter_name)
+            self.gates = OmegaGates(model, [module for _, module in layers], self.adapter_name)
             self._outcome_counts = torch.zeros(len(OUTCOMES), dtype=torch.int64, device=self.omega.device)
         if max_steps is not None:
             self.set_max_steps(max_steps)
@@ -108,8 +108,21 @@ class WeightLoraModel:
     # --- the selection phase --------------------------------------------------------------------------------
 
     @property
-    def omega(self) -> nn.Parameter | None:
-        return self.gates.omega if self.gates is not None else None
+    def omega(self) -> torch.Tensor | None:
+        """A copy of omega in adapter order, fp32 (None without omega or after the switch); `set_omega` writes it."""
+        return self.gates.values if self.gates is not None else None
+
+    def set_omega(self, values: torch.Tensor) -> None:
+        """Overwrite omega (adapter order), e.g. to start the selection from other weights than ones."""
+        if self.gates is None or self.switched:
+            raise RuntimeError("WeightLoRA: there is no omega to set (random selection, or after the switch).")
+        if tuple(values.shape) != (self.num_adapters,):
+            raise ValueError(f"omega has {self.num_adapters} entries, one per adapter; got shape {tuple(values.shape)}.")
+        self.gates.assign(values)
+
+    def omega_parameters(self) -> list[nn.Parameter]:
+        """The per-adapter omega parameters (what DDP sees); empty without omega or after the switch."""
+        return list(self.gates.parameters) if self.gates is not None else []
 
     def set_max_steps(self, max_steps: int) -> int:
         """Resolve T for a run of `max_steps` optimizer steps (raises if the switch would never happen)."""
@@ -118,16 +131,15 @@ class WeightLoraModel:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every trainable parameter except omega: what an optimizer should get."""
-        omega = self.omega
-        return [p for p in self.model.parameters() if p.requires_grad and p is not omega]
+        omega = {id(p) for p in self.omega_parameters()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in omega]
 
     def take_omega_grad(self) -> torch.Tensor | None:
-        """Detach omega's accumulated gradient from it (so no optimizer or clipping sees it) and return it."""
-        omega = self.omega
-        if omega is None or self.switched:
+        """Take omega's accumulated gradient off its parameters (so no optimizer or clipping sees it) and return it
+        as one vector in adapter order, or None if there is none."""
+        if self.gates is None or self.switched:
             return None
-        grad, omega.grad = omega.grad, None
-        return grad
+        return self.gates.take_grad()
 
     def omega_step(self, grad: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor | bool:
         """One StoIHT step: SGD on omega with `omega_lr`, then keep its K largest |omega_i|.
@@ -139,11 +151,13 @@ class WeightLoraModel:
         bool tensor: the step itself never waits for the GPU, reading the result does. `omega_steps` counts
         what became of every step.
         """
-        if self.omega is None or self.switched:
+        if self.gates is None or self.switched:
             return False
         if grad is None:
             grad = self.take_omega_grad()
-        code = stoiht_step(self.omega, grad, self.config.omega_lr, self.k, skip=skip)
+        values = self.gates.values
+        code = stoiht_step(values, grad, self.config.omega_lr, self.k, skip=skip)
+        self.gates.assign(values)
         self._outcome_counts.index_add_(0, code.reshape(1), torch.ones_like(code).reshape(1))
         return code == STEP_TAKEN
 
@@ -308,6 +322,5 @@ class WeightLoraModel:
             self.adapters = [
                 AdapterInfo(a["module"], a["omega"], a["kept"], a["rank"]) for a in report["adapters"]
             ]
-        elif self.omega is not None:
-            values = [a["omega"] for a in report["adapters"]]
-            self.omega.data.copy_(torch.tensor(values, dtype=torch.float32))
+        elif self.gates is not None:
+            self.gates.assign(torch.tensor([a["omega"] for a in report["adapters"]], dtype=torch.float32))

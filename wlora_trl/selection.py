@@ -14,12 +14,10 @@ parameters, state-dict keys and everything PEFT saves stay as they were), whose 
 - cost: one multiply on a small tensor per adapter, whatever the number of tokens, no per-call Python hook (v0.1
   hooked every `lora_A`: 8-20% slower warm-up steps where Python overhead shows; `benchmarks/speed.py` keeps that
   gate as its `warmup_hooks` variant).
-The 0-d gates `omega_i` are views from one `unbind` of omega (one copy per other device), refreshed by a pre-hook
-on the model at every forward.
-
-omega is one fp32 `nn.Parameter` of shape (n,), registered on the `PeftModel` itself, not on a tuner layer, so
-PEFT's adapter file never contains it (PEFT saves tuner-layer parameters whose names contain "lora_"), while DDP
-still sees it as a model parameter and all-reduces its gradient.
+omega is n fp32 0-d parameters, one per adapter, registered on the `PeftModel`
+itself as the `nn.ParameterList` `selection_omega`, not on a tuner layer, so PEFT's adapter file never contains
+them (PEFT saves tuner-layer parameters whose names contain "lora_"), while DDP sees them as model parameters and
+all-reduces their gradients.
 """
 
 from __future__ import annotations
@@ -29,9 +27,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-# Attribute name on the PeftModel. It must not contain "lora_", or PEFT would save omega into the adapter file.
+# Name of omega's ParameterList on the PeftModel. It must not contain "lora_", or PEFT would save omega.
 OMEGA_PARAMETER_NAME = "selection_omega"
 
 
@@ -89,8 +86,8 @@ class OmegaGatedLinear(nn.Linear):
     """`lora_A` of one adapter during the warm-up: `linear(x, A * omega_i)`.
 
     Only ever made by swapping the class of an existing `nn.Linear` (and swapped back at the switch): same object,
-    same parameters. `omega_gate` (a 0-d tensor) sits in the instance `__dict__`, not in `_parameters` or
-    `_buffers`, so no state dict, optimizer or `.to()` ever sees it.
+    same parameters. Its omega entry (`omega_gate`, a 0-d parameter registered on the PeftModel) sits in the
+    instance `__dict__`, not in `_parameters`, so the adapter's state dict never contains it.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -100,11 +97,16 @@ class OmegaGatedLinear(nn.Linear):
 class OmegaGates:
     """omega (ones at start) and its gates on the `lora_A` of each LoRA layer, in adapter order.
 
-    omega lives on the first adapter's device; an adapter on another device (a model spread over devices with
-    `device_map`) gets its gate from a copy of omega on its own device, one copy per device and forward.
+    Each adapter's omega_i is a 0-d fp32 parameter of its own on its adapter's device: a model spread over devices
+    needs no copies in the forward, and each omega_i is used in exactly one module, so with reentrant gradient
+    checkpointing under DDP its gradient is accumulated once per backward (one omega vector used in every
+    checkpointed layer is "marked ready twice"). The StoIHT step works on the whole vector: `values` stacks the
+    parameters (one kernel per device), `assign` writes them back (one foreach copy per device). The parameters are
+    only ever read and written through their objects, so `.to()`, DDP's broadcasts or a checkpoint load, which may
+    replace a parameter's storage, cannot detach omega from its gates.
     """
 
-    def __init__(self, owner: nn.Module, root: nn.Module, layers: list[nn.Module], adapter_name: str) -> None:
+    def __init__(self, owner: nn.Module, layers: list[nn.Module], adapter_name: str) -> None:
         self.owner = owner
         self.adapter_name = adapter_name
         self.modules: list[nn.Linear] = [layer.lora_A[adapter_name] for layer in layers]
@@ -113,39 +115,52 @@ class OmegaGates:
                 raise TypeError(
                     f"WeightLoRA gates plain nn.Linear lora_A modules; this model's is a {type(module).__name__}."
                 )
-        self.omega = nn.Parameter(torch.ones(len(self.modules), dtype=torch.float32, device=self.modules[0].weight.device))
-        owner.register_parameter(OMEGA_PARAMETER_NAME, self.omega)
-        by_device: dict[torch.device, list[int]] = defaultdict(list)
-        for index, module in enumerate(self.modules):
-            by_device[module.weight.device].append(index)
-        self._by_device = list(by_device.items())
-        for module in self.modules:
+        self.parameters = nn.ParameterList(
+            [nn.Parameter(torch.ones((), dtype=torch.float32, device=m.weight.device)) for m in self.modules]
+        )
+        owner.add_module(OMEGA_PARAMETER_NAME, self.parameters)
+        for module, parameter in zip(self.modules, self.parameters):
             module.__class__ = OmegaGatedLinear
-        self._handles: list[RemovableHandle] = [root.register_forward_pre_hook(self._refresh_hook)]
+            module.__dict__["omega_gate"] = parameter
+
+    @property
+    def device(self) -> torch.device:
+        """Where the whole vector lives for the StoIHT step: the first adapter's omega."""
+        return self.parameters[0].device
+
+    def _by_device(self) -> dict[torch.device, list[int]]:
+        groups: dict[torch.device, list[int]] = defaultdict(list)
+        for index, parameter in enumerate(self.parameters):
+            groups[parameter.device].append(index)
+        return groups
+
+    @property
+    def values(self) -> torch.Tensor:
+        """omega in adapter order, as a new fp32 vector on `device`."""
         with torch.no_grad():
-            self.refresh()  # an adapter called outside the model's forward still sees omega's current values
+            return torch.stack([p.to(self.device) for p in self.parameters])
 
-    def _refresh_hook(self, module: nn.Module, args: tuple) -> None:
-        self.refresh()
+    @torch.no_grad()
+    def assign(self, values: torch.Tensor) -> None:
+        """Write omega (adapter order) into the per-adapter parameters."""
+        values = values.to(self.device, torch.float32)
+        for device, indices in self._by_device().items():
+            sources = values[torch.tensor(indices, device=values.device)].to(device).unbind(0)
+            torch._foreach_copy_([self.parameters[i] for i in indices], list(sources))
 
-    def refresh(self) -> None:
-        """Give every gated `lora_A` its omega entry, as autograd-tracked 0-d views of omega.
-
-        `unbind` and the copy to another device save no tensors for the backward: with reentrant gradient
-        checkpointing every checkpointed segment back-propagates through these nodes again, which works only
-        because nothing in them is freed after the first pass.
-        """
-        modules = self.modules
-        for device, indices in self._by_device:
-            gates = (self.omega if device == self.omega.device else self.omega.to(device)).unbind(0)
-            for index in indices:
-                modules[index].__dict__["omega_gate"] = gates[index]
+    def take_grad(self) -> torch.Tensor | None:
+        """omega's accumulated gradient in adapter order (on `device`), taken off the parameters; None if none has
+        one. An adapter unused in this step contributes a zero."""
+        grads = [p.grad for p in self.parameters]
+        if all(g is None for g in grads):
+            return None
+        for p in self.parameters:
+            p.grad = None
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        return torch.stack([zero if g is None else g.to(self.device) for g in grads])
 
     def remove(self) -> None:
         """Take the gates off (every `lora_A` is a plain nn.Linear again) and omega off the model: plain LoRA."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         for module in self.modules:
             module.__class__ = nn.Linear
             module.__dict__.pop("omega_gate", None)

@@ -22,10 +22,12 @@ other variants), `load_best_model_at_end` refused (checkpoints on either side of
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
@@ -97,26 +99,28 @@ class WeightLoraMixin:
             self.weight_lora.set_max_steps(args.max_steps)  # refuse an impossible T now, not at train()
         self._omega_grad: torch.Tensor | None = None
         self._omega_hook = None
+        self._wrapper_checked = False
         self._weight_lora_logs: dict[str, float] = {}
 
     # --- optimizer: omega stays out of it; its step runs as the optimizer's step pre-hook ---------------------
 
     def create_optimizer(self, model=None):
         weight_lora = self.weight_lora
-        omega = weight_lora.omega if not weight_lora.switched else None
-        if omega is not None:
-            # The stock grouping takes every parameter that requires grad; omega must not be Adam-updated.
-            omega.requires_grad_(False)
+        omega = weight_lora.omega_parameters() if not weight_lora.switched else []
+        # The stock grouping takes every parameter that requires grad; omega must not be Adam-updated.
+        for parameter in omega:
+            parameter.requires_grad_(False)
         try:
             optimizer = super().create_optimizer(model)
         finally:
-            if omega is not None:
-                omega.requires_grad_(True)
+            for parameter in omega:
+                parameter.requires_grad_(True)
         if self.state.max_steps > 0 and weight_lora.selection_steps is None:
             weight_lora.set_max_steps(self.state.max_steps)
-        if omega is not None:
+        if omega:
             inner = innermost_optimizer(optimizer)
-            if any(p is omega for group in inner.param_groups for p in group["params"]):
+            omega_ids = {id(p) for p in omega}
+            if any(id(p) in omega_ids for group in inner.param_groups for p in group["params"]):
                 raise ValueError(
                     "The optimizer holds omega, which WeightLoRA updates itself by SGD. Build your optimizer from "
                     "trainer.weight_lora.trainable_parameters()."
@@ -146,6 +150,9 @@ class WeightLoraMixin:
             # (and the pre-hook with it) on an fp16 overflow.
             self._omega_grad = None
             weight_lora.skip_omega_step()
+        if not self._wrapper_checked:
+            self._check_data_parallel_wrapper()
+            self._wrapper_checked = True
         if not weight_lora.switched and self.state.global_step >= weight_lora.selection_steps:
             self._switch()
         if model is not self.model_wrapped:
@@ -178,34 +185,81 @@ class WeightLoraMixin:
             self._omega_hook.remove()
             self._omega_hook = None
         self._omega_grad = None
+        ddp = _ddp_inside(self.model_wrapped)
+        if self.accelerator.num_processes > 1:
+            check_ranks_agree(self.weight_lora)
         self.weight_lora.switch(self.optimizer, seed=self.args.seed)
-        if isinstance(self.model_wrapped, DistributedDataParallel):
-            self.model_wrapped = self._rewrap_ddp()
+        if ddp is not None:
+            self.model_wrapped = self._rewrap_ddp(ddp)
         self._weight_lora_logs = {
             "weight_lora/kept_adapters": self.weight_lora.k,
             "weight_lora/total_adapters": self.weight_lora.num_adapters,
             **{f"weight_lora/omega_steps_{outcome}": count for outcome, count in self.weight_lora.omega_steps.items()},
         }
 
-    def _rewrap_ddp(self) -> DistributedDataParallel:
+    def _rewrap_ddp(self, old: DistributedDataParallel) -> torch.nn.Module:
         """Wrap the rebuilt model in a new DDP: the old one would never all-reduce the re-created adapters.
 
-        DDP's constructor broadcasts rank 0's parameters, so every rank starts the LoRA phase from the same
-        weights. All remaining trainable parameters are used in every forward now (omega and the dropped
-        adapters are gone), so the new wrapper skips the `find_unused_parameters` search unless the user asked
-        for it.
+        - The new wrapper keeps the old one's `find_unused_parameters` (the user's setting, or the Trainer's default
+          for a PEFT model): a kept adapter may still be unused in some steps (conditional compute).
+        - It skips DDP's initial broadcast of every parameter (for an 8B base, 16 GB of frozen weights): the
+          re-created adapters are the same on every rank already (seeded re-initialisation, checked by
+          `check_ranks_agree` just before).
+        - The old wrapper is emptied of everything that holds the old adapters (its reducer, gradient buckets and
+          parameter lists): the epoch loop keeps it in a local variable until `train()` returns, and only calls
+          `.parameters()`, `.zero_grad()` and `no_sync()` on it, which reach the same PeftModel.
+        - Under `torch_compile` accelerate compiles the new wrapper too.
         """
-        accelerator, old = self.accelerator, self.model_wrapped
-        accelerator._models = [m for m in accelerator._models if m is not old]
+        accelerator, wrapped = self.accelerator, self.model_wrapped
+        accelerator._models = [m for m in accelerator._models if m is not wrapped and m is not old]
         handler = accelerator.ddp_handler
-        previous = handler.find_unused_parameters if handler is not None else None
-        if handler is not None:
-            handler.find_unused_parameters = bool(self.args.ddp_find_unused_parameters)
+        created = handler is None
+        if created:
+            handler = accelerator.ddp_handler = DistributedDataParallelKwargs()
+        previous = handler.find_unused_parameters
+        handler.find_unused_parameters = old.find_unused_parameters
         try:
-            return accelerator.prepare_model(self.model)
+            with _ddp_without_initial_broadcast():
+                new = accelerator.prepare_model(self.model)
         finally:
-            if handler is not None:
-                handler.find_unused_parameters = previous
+            handler.find_unused_parameters = previous
+            if created:
+                accelerator.ddp_handler = None
+        _release_ddp(old)
+        if wrapped is not old:
+            # torch.compile's caches hold the old graph, and through its guards the old adapters; the new wrapper
+            # has another structure and is compiled afresh anyway.
+            torch._dynamo.reset()
+        return new
+
+    # --- guard rails for multi-process runs ----------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        self._undo_evaluation_prepare()
+        return super().train(*args, **kwargs)
+
+    def _undo_evaluation_prepare(self) -> None:
+        """`evaluate()` before `train()` prepares the bare model in evaluation mode, which marks it as prepared:
+        `train()` would then get it back unwrapped, and every rank would train alone. Forget that preparation."""
+        model = self.model
+        if self.accelerator.num_processes <= 1 or self.model_wrapped is not model:
+            return
+        if not getattr(model, "_is_accelerate_prepared", False):
+            return
+        del model._is_accelerate_prepared
+        original_forward = model.__dict__.pop("_original_forward", None)  # accelerate's mixed-precision patch
+        if original_forward is not None:
+            model.__dict__.pop("forward", None)
+        self.accelerator._models = [m for m in self.accelerator._models if m is not model]
+
+    def _check_data_parallel_wrapper(self) -> None:
+        if self.accelerator.num_processes > 1 and _ddp_inside(self.model_wrapped) is None:
+            raise RuntimeError(
+                f"WeightLoRA: {self.accelerator.num_processes} processes are training, but the model is not wrapped "
+                f"in DistributedDataParallel (it is a {type(self.model_wrapped).__name__}), so each rank would select "
+                "and train its own adapters. This happens when a model was prepared by accelerate before train() in "
+                "a way WeightLoRA does not undo; please report it with your launch command."
+            )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # The switch's numbers ride on the next regular log line, so every logging integration records them
@@ -227,6 +281,63 @@ class WeightLoraMixin:
         # structure, which after the switch has other modules and ranks than a fresh model.
         self.weight_lora.restore(read_selection(resume_from_checkpoint))
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _ddp_inside(model: torch.nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper of a prepared model, also under torch.compile (an OptimizedModule around the DDP)."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+@contextlib.contextmanager
+def _ddp_without_initial_broadcast():
+    """accelerate builds its DDP as `torch.nn.parallel.DistributedDataParallel(...)`, looked up at call time; for
+    the re-wrap, build a plain DDP with `init_sync=False` (no broadcast of the frozen base), whatever else accelerate
+    passes. (accelerate's `prepare_model` only calls that name, never tests isinstance against it.)"""
+    original = torch.nn.parallel.DistributedDataParallel
+
+    def without_initial_broadcast(*args, **kwargs):
+        return original(*args, **{"init_sync": False, **kwargs})
+
+    torch.nn.parallel.DistributedDataParallel = without_initial_broadcast
+    try:
+        yield
+    finally:
+        torch.nn.parallel.DistributedDataParallel = original
+
+
+def _release_ddp(ddp: DistributedDataParallel) -> None:
+    """Drop what a replaced DDP wrapper holds of the old parameters: autograd hooks on their gradient accumulators,
+    parameter lists, and the reducer with its gradient buckets. `.module` (the live model) stays."""
+    for handle in getattr(ddp, "_accum_grad_hooks", []):
+        handle.remove()
+    for attribute in ("_accum_grad_hooks", "_module_parameters", "_delay_all_reduce_params", "_delay_grad_views"):
+        if isinstance(getattr(ddp, attribute, None), list):
+            setattr(ddp, attribute, [])
+    for attribute in ("reducer", "logger"):
+        if hasattr(ddp, attribute):
+            setattr(ddp, attribute, None)
+
+
+def check_ranks_agree(weight_lora: WeightLoraModel) -> None:
+    """Raise unless every process holds the same omega (hence the same kept set): one small all-gather."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    omega = weight_lora.omega
+    if omega is None:
+        return
+    backend = torch.distributed.get_backend()
+    device = omega.device if backend != "gloo" else torch.device("cpu")
+    mine = omega.detach().to(device)
+    gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, mine)
+    differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if differing:
+        raise RuntimeError(
+            f"WeightLoRA: at the switch, ranks {differing} hold another omega than rank 0, so they would keep other "
+            "adapters. The ranks have been training without synchronised gradients (the model was not wrapped in "
+            "DistributedDataParallel for part of the run)."
+        )
 
 
 class WeightLoraTrainer(WeightLoraMixin, Trainer):

@@ -387,13 +387,20 @@ def test_omega_and_activations_on_different_devices(cuda, omega_on):
     spread_model, spread_wl = models["spread"]
     devices = {p.device.type for n, p in spread_model.named_parameters() if "lora_" in n}
     assert devices == {"cpu", "cuda"} and spread_wl.omega.device.type == omega_on
+    # each adapter's omega entry lives on its adapter's device: no copies in the forward
+    for parameter, module in zip(spread_wl.omega_parameters(), spread_wl.gates.modules):
+        assert parameter.device == module.weight.device
     grads = {}
     for name, (peft_model, weight_lora) in models.items():
         ids = IDS.to(next(peft_model.parameters()).device)
         peft_model(input_ids=ids, labels=ids).loss.backward()
-        grads[name] = weight_lora.omega.grad.detach().cpu().clone()
-        assert weight_lora.omega_step()
+        grads[name] = weight_lora.take_omega_grad().cpu()
+        assert weight_lora.omega_step(grads[name])  # the step moves it to omega's device itself
     assert grads["spread"].ne(0).all()  # adapters of both devices reached omega
+    torch.testing.assert_close(spread_wl.omega.cpu(), models["reference"][1].omega, rtol=1e-4, atol=1e-7)
+    # the step's result reached every per-device parameter
+    for parameter, value in zip(spread_wl.omega_parameters(), spread_wl.omega.cpu()):
+        assert parameter.item() == value.item()
     torch.testing.assert_close(grads["spread"], grads["reference"], rtol=1e-4, atol=1e-7)
     spread_wl.switch()
     for name in [a.module for a in spread_wl.adapters if a.kept]:

@@ -90,6 +90,27 @@ def greedy_generate(
     return outputs
 
 
+def greedy_generate_across_processes(accelerator, model, tokenizer, conversations: Sequence[list[dict]],
+                                     **kwargs) -> list[str]:
+    """`greedy_generate` split over the processes of a multi-GPU run; every process gets every answer, in order.
+
+    Process r answers conversations r, r + world, r + 2 world, ...; the answers are gathered with
+    `accelerate.utils.gather_object`. (Generating on rank 0 alone left the other ranks waiting in the next
+    collective, which long generations on a large model can hold past NCCL's timeout.)
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = list(range(rank, len(conversations), world))
+    answers = greedy_generate(model, tokenizer, [conversations[i] for i in mine], **kwargs)
+    if world == 1:
+        return answers
+    from accelerate.utils import gather_object
+
+    outputs = [""] * len(conversations)
+    for index, answer in gather_object(list(zip(mine, answers))):
+        outputs[index] = answer
+    return outputs
+
+
 # --- the before/after table ----------------------------------------------------------------------------------------
 
 

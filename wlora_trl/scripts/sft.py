@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
-from ..evaluation.quick import greedy_generate, results_table, write_results
+from ..evaluation.quick import greedy_generate_across_processes, results_table, write_results
 from ..local_models import SMOLLM2_HUB_ID, resolve_model
 from ..local_models import _hub_offline as hub_offline  # one definition of the HF_HUB_OFFLINE spellings
 from ..report import plot_selection_heatmap
@@ -222,8 +222,9 @@ def evaluate(trainer, questions: list[gsm8k.GSM8KExample], script_args: SFTScrip
         scores = trainer.evaluate()
         metrics["heldout_loss"] = scores["eval_loss"]
         metrics["heldout_token_accuracy"] = scores.get("eval_mean_token_accuracy")
-    if questions and trainer.accelerator.is_main_process:
-        generations = greedy_generate(
+    if questions:
+        generations = greedy_generate_across_processes(
+            trainer.accelerator,
             trainer.model,
             trainer.processing_class,  # TRL's copy: it carries --chat_template_path when one was given
             [gsm8k.prompt_messages(example.question) for example in questions],

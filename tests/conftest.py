@@ -42,6 +42,18 @@ def tiny_llama(num_layers: int = 2, seed: int = 0, intermediate_size: int = 96) 
     return LlamaForCausalLM(config)
 
 
+def tiny_qwen3_moe(seed: int = 0):
+    """A mixture-of-experts model: 4 experts per layer (their weights are parameters, not nn.Linear) and a router."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=len(VOCAB), hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+    )
+    return Qwen3MoeForCausalLM(config)
+
+
 def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(

@@ -73,3 +73,41 @@ def test_stock_peft_reload_reproduces_logits(tmp_path, extra):
     if "rank_pattern" in extra:
         kept_q = [name for name in kept if name.endswith("q_proj")]
         assert {config["rank_pattern"][name] for name in kept_q} <= {2} and config["r"] == 4
+
+
+def test_adapter_saved_during_the_warmup_reloads_to_the_model_being_trained(tmp_path):
+    """save_model (or a checkpoint) before the switch: stock PEFT, without wlora_trl, must load the model as it is
+    at that step: omega folded into lora_B (zero for thresholded adapters), a stock config."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=5,
+                           init_lora_weights="gaussian")
+    trainer = WeightLoraTrainer(AutoModelForCausalLM.from_pretrained(base_dir), cpu_args(tmp_path / "run", max_steps=8),
+                                train_dataset=addition_lm_dataset(), peft_config=cfg)
+    ids = torch.arange(3, 35).reshape(2, 16)
+    torch.save(ids, tmp_path / "ids.pt")
+    seen = {}
+
+    class SaveMidWarmup(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                trainer.save_model(str(adapter_dir))
+                with torch.no_grad():
+                    seen["logits"] = trainer.model.eval()(input_ids=ids).logits
+                    seen["omega"] = trainer.weight_lora.omega.clone()
+                trainer.model.train()
+
+    trainer.add_callback(SaveMidWarmup())
+    trainer.train()
+    omega = seen["omega"]
+    assert int(omega.eq(0).sum()) == 9 and (omega[omega.ne(0)] - 1).abs().max() > 0.05  # the fold matters
+
+    subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "logits.pt")], check=True)
+    assert (torch.load(tmp_path / "logits.pt") - seen["logits"]).abs().max().item() <= 1e-5
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    selection = json.loads((adapter_dir / "selection.json").read_text())
+    assert not {"k", "selection_steps", "omega_lr", "plus", "reinit", "selection"} & set(config)
+    assert len(config["target_modules"]) == 14 and selection["switched"] is False

@@ -7,7 +7,7 @@ from trl import SFTConfig
 
 from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraSFTTrainer, WeightLoraTrainer
 
-from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+from .conftest import addition_lm_dataset, cpu_args, tiny_llama, tiny_qwen3_moe
 
 CFG = dict(r=4, target_modules="all-linear", selection_steps=3)
 
@@ -53,7 +53,7 @@ def test_plain_lora_config_and_missing_adapters_are_refused(tmp_path):
 
 def test_model_without_lora_layers_on_linear_modules_is_refused():
     model = get_peft_model(tiny_llama(), WeightLoraConfig(r=4, target_modules=["embed_tokens"], selection_steps=3))
-    with pytest.raises(ValueError, match="no LoRA layers on linear modules"):
+    with pytest.raises(ValueError, match="cannot select LoRA adapters on embedding layers"):
         WeightLoraModel(model)
 
 
@@ -102,3 +102,33 @@ def test_several_gpus_in_one_process_are_refused(tmp_path):
     args._n_gpu = 2  # what TrainingArguments finds on a host with two visible GPUs and no launcher
     with pytest.raises(ValueError, match="torch.nn.DataParallel, which WeightLoRA does not support.*accelerate launch"):
         WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=WeightLoraConfig(**CFG))
+
+
+def test_mixture_of_experts_with_all_linear_is_refused_with_the_modules_to_use(tmp_path):
+    """PEFT adds LoRA on the expert and router parameters (target_parameters) while wrapping; the run used to train
+    T steps and then crash in the switch. Refused at construction, naming the linear modules to target instead."""
+    with pytest.raises(ValueError, match=r"adapters on parameters .*Use target_modules=\['k_proj', 'o_proj', "
+                                         r"'q_proj', 'v_proj'\]"):
+        _build(tmp_path, model=tiny_qwen3_moe(), peft_config=WeightLoraConfig(**CFG))
+
+
+@pytest.mark.parametrize("targets, extra, instead", [(["embed_tokens", "q_proj"], {}, "'q_proj'"),
+                                                     (["lm_head", "q_proj"], {"ensure_weight_tying": True},
+                                                      "'lm_head', 'q_proj'")],
+                         ids=["embedding", "tied_lm_head"])
+def test_lora_on_embeddings_is_refused(tmp_path, targets, extra, instead):
+    """Embedding adapters used to be skipped by the selection while they kept training, and left out of the export,
+    so the reloaded adapter was not the trained model. ensure_weight_tying=True adds one for a tied lm_head."""
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    cfg = WeightLoraConfig(r=4, target_modules=targets, selection_steps=3, **extra)
+    with pytest.raises(ValueError, match=rf"embedding layers \(model.embed_tokens\).*Use target_modules=\[{instead}\]"):
+        _build(tmp_path, model=model, peft_config=cfg)
+
+
+def test_a_model_after_the_switch_is_refused_with_what_it_is(tmp_path):
+    first = _build(tmp_path / "first", peft_config=WeightLoraConfig(**CFG), max_steps=4)
+    first.train()
+    with pytest.raises(ValueError, match="went through WeightLoRA's switch already"):
+        _build(tmp_path / "second", model=first.model)

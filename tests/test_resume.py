@@ -58,3 +58,28 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted, checkpoin
     assert _kept(resumed) == _kept(full)
     for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_in_the_warmup_continues_from_the_unfolded_weights(tmp_path):
+    """A warm-up checkpoint's adapter file has omega folded into lora_B (so stock PEFT loads the model as it is);
+    resuming must continue from the unfolded weights kept beside it, or the warm-up would continue from other
+    weights. reinit=False carries the warm-up weights through the switch, so any difference shows to the end."""
+    def trainer(output_dir):
+        cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=6, reinit=False,
+                               init_lora_weights="gaussian")
+        args = cpu_args(output_dir, max_steps=9, save_strategy="steps", save_steps=3)
+        return WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "weight_lora_warmup_adapter.safetensors").is_file()
+    omega = torch.tensor([a["omega"] for a in json.loads((checkpoint / "selection.json").read_text())["adapters"]])
+    assert (omega - 1).abs().max() > 0.05  # omega has moved: folding changed the saved lora_B noticeably
+
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for step in range(4, 10):
+        assert abs(_losses(resumed)[step] - _losses(full)[step]) <= 1e-6, step
+    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
 from .config import WeightLoraConfig
@@ -41,6 +42,56 @@ from .surgery import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+SWITCHED_MARK = "_weight_lora_switched"  # set on a PeftModel by the switch
+
+
+def selectable_layers(base: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    """The LoRA layers WeightLoRA selects among, in module order: plain LoRA on linear (and GPT-2 Conv1D) modules.
+
+    Refuses, before any training, adapters it cannot gate, drop and export correctly, naming the target_modules to
+    use instead: LoRA on embeddings (also added by `ensure_weight_tying=True` for a tied lm_head), which the
+    selection would skip while they keep training and the export leaves out; LoRA on parameters
+    (`target_parameters`, which PEFT adds by itself for mixture-of-experts models with `target_modules="all-linear"`);
+    and LoRA on other layer types (convolutions).
+    """
+    selectable, embeddings, parameters, others = [], [], [], []
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, ParamWrapper):
+            if adapter_name in module.lora_A and not name.endswith(".base_layer"):  # nested: list the outer one
+                parameters.append(name)
+        elif adapter_name in getattr(module, "lora_embedding_A", {}):
+            embeddings.append(name)
+        elif adapter_name in module.lora_A:
+            (selectable if type(module.lora_A[adapter_name]) is nn.Linear else others).append((name, module))
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in selectable})
+    instead = f" Use target_modules={suffixes} (the linear layers adapted now)." if suffixes else ""
+    if parameters:
+        raise ValueError(
+            f"WeightLoRA cannot select adapters on parameters ({_few(parameters)}): PEFT adds them as "
+            "target_parameters, for example for the experts and routers of mixture-of-experts models when "
+            f"target_modules='all-linear'.{instead} Expert weights then stay frozen."
+        )
+    if embeddings:
+        raise ValueError(
+            f"WeightLoRA cannot select LoRA adapters on embedding layers ({_few(embeddings)}): remove them from "
+            "target_modules, and drop ensure_weight_tying=True, which adds the input embedding when a tied lm_head is "
+            f"targeted.{instead} To train an embedding fully, list it in modules_to_save."
+        )
+    if others:
+        kinds = sorted({type(module).__name__ for _, module in others})
+        raise ValueError(
+            f"WeightLoRA selects LoRA adapters on linear layers only; {_few([n for n, _ in others])} are {kinds}."
+            f"{instead}"
+        )
+    return selectable
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 @dataclass(frozen=True)
@@ -61,6 +112,12 @@ class WeightLoraModel:
     """
 
     def __init__(self, model: PeftModel, max_steps: int | None = None) -> None:
+        if getattr(model, SWITCHED_MARK, False):
+            raise ValueError(
+                "This model went through WeightLoRA's switch already: it is plain LoRA on the kept adapters now (its "
+                "adapter config is a stock LoraConfig). Train it further with a stock Trainer/SFTTrainer, or start a "
+                "new selection from the base model."
+            )
         if not isinstance(model, PeftModel):
             raise TypeError(
                 f"WeightLoraModel needs a peft.PeftModel, got {type(model).__name__}. Wrap the model first: "
@@ -80,11 +137,7 @@ class WeightLoraModel:
         self.model = model
         self.config: WeightLoraConfig = config
         self.base = model.base_model.model  # PEFT's module names (target_modules) are relative to this
-        layers = [
-            (name, module)
-            for name, module in self.base.named_modules()
-            if isinstance(module, LoraLayer) and self.adapter_name in module.lora_A
-        ]
+        layers = selectable_layers(self.base, self.adapter_name)
         if not layers:
             raise ValueError(
                 "The model has no LoRA layers on linear modules, so there is nothing to select. Check "
@@ -248,6 +301,7 @@ class WeightLoraModel:
                 infos.append(AdapterInfo(name, omega[index], kept=True, rank=rank))
 
         self.model.peft_config[self.adapter_name] = stock_lora_config(cfg, list(ranks), ranks, alphas)
+        setattr(self.model, SWITCHED_MARK, True)
         if optimizer is not None:
             retarget_optimizer(optimizer, replacements)
         self.switched = True

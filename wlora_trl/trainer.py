@@ -34,6 +34,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from .config import WeightLoraConfig
+from .export import export_warmup_adapter, restore_warmup_weights
 from .model import WeightLoraModel
 from .report import read_selection, write_selection
 from .surgery import innermost_optimizer
@@ -274,13 +275,21 @@ class WeightLoraMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            write_selection(output_dir or self.args.output_dir, self.weight_lora.report(self.state.global_step))
+            directory = output_dir or self.args.output_dir
+            if not self.weight_lora.switched:
+                # During the warm-up: fold omega into the saved lora_B and write a stock config, so the file is
+                # the model being trained; keep the unfolded weights beside it for resuming.
+                export_warmup_adapter(directory, self.weight_lora)
+            write_selection(directory, self.weight_lora.report(self.state.global_step))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Rebuild the checkpoint's structure (and omega) first: the Trainer loads adapter weights into the current
-        # structure, which after the switch has other modules and ranks than a fresh model.
+        # structure, which after the switch has other modules and ranks than a fresh model. A warm-up checkpoint's
+        # adapter file has omega folded in; the unfolded weights beside it are what the run continues from.
         self.weight_lora.restore(read_selection(resume_from_checkpoint))
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.weight_lora.switched:
+            restore_warmup_weights(resume_from_checkpoint, self.weight_lora)
 
 
 def _ddp_inside(model: torch.nn.Module) -> DistributedDataParallel | None:

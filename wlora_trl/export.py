@@ -1,0 +1,83 @@
+"""Adapters saved during the warm-up: stock PEFT files that are the model being trained, plus what resuming needs.
+
+Before the switch the model computes `B (omega_i A) x` per adapter, which no stock LoRA config can express. A save
+in the warm-up (a checkpoint at a step <= T, or `save_model` mid-run) therefore post-processes what PEFT wrote:
+- `adapter_model.safetensors`: every `lora_B` multiplied by its omega_i (zero for adapters thresholded out), so
+  stock PEFT reloads the function the model has at that step;
+- `adapter_config.json`: a stock LoRA config (no WeightLoRA fields; target_modules = every adapted module's name);
+- `weight_lora_warmup_adapter.safetensors`: the adapter weights as they are (unfolded), which resuming loads back:
+  an adapter at omega_i = 0 keeps its weights and may re-enter the selection later, so folding must not lose them.
+After the switch the model is plain LoRA and PEFT's files need nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .config import WeightLoraConfig
+
+WARMUP_STATE_FILE = "weight_lora_warmup_adapter.safetensors"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
+WEIGHT_LORA_FIELDS = {f.name for f in dataclasses.fields(WeightLoraConfig)} - {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+def export_warmup_adapter(directory: str | os.PathLike, weight_lora) -> None:
+    """Make the PEFT adapter just saved in `directory` (during the warm-up) a stock adapter of the current model."""
+    model, adapter_name = weight_lora.model, weight_lora.adapter_name
+    raw = {key: value.detach().cpu().contiguous()
+           for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
+
+    omega = weight_lora.omega
+    if omega is not None:
+        factors = dict(zip(weight_lora.module_names, omega.detach().cpu().tolist()))
+        weights_path = next(
+            (os.path.join(directory, name) for name in ADAPTER_WEIGHTS if os.path.isfile(os.path.join(directory, name))),
+            None,
+        )
+        if weights_path is None:
+            raise FileNotFoundError(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in {directory}")
+        safetensors = weights_path.endswith(".safetensors")
+        weights = load_file(weights_path) if safetensors else torch.load(weights_path, weights_only=True)
+        for module, factor in factors.items():
+            key = f"base_model.model.{module}.lora_B.weight"
+            if key not in weights:
+                raise KeyError(f"{key} is not in {weights_path}: the saved adapter does not match the model")
+            weights[key] = weights[key] * factor
+        if safetensors:
+            save_file(weights, weights_path, metadata={"format": "pt"})
+        else:
+            torch.save(weights, weights_path)
+
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    with open(config_path) as f:
+        config = json.load(f)
+    for field in WEIGHT_LORA_FIELDS:
+        config.pop(field, None)
+    # Exact module names, as after the switch: PEFT would otherwise re-resolve "all-linear" or suffixes on reload.
+    config.update(target_modules=list(weight_lora.module_names), exclude_modules=None, layers_to_transform=None,
+                  layers_pattern=None)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def restore_warmup_weights(directory: str | os.PathLike, weight_lora) -> bool:
+    """Load the unfolded warm-up weights a checkpoint kept, if it has them; returns whether it did."""
+    path = os.path.join(directory, WARMUP_STATE_FILE)
+    if not os.path.isfile(path):
+        return False
+    state = load_file(path)
+    device = next(weight_lora.model.parameters()).device
+    result = set_peft_model_state_dict(weight_lora.model, {k: v.to(device) for k, v in state.items()},
+                                       adapter_name=weight_lora.adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{path} holds weights this model does not have: {unexpected[:3]}")
+    return True

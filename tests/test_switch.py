@@ -231,3 +231,51 @@ def test_the_switch_seeds_only_the_cpu_generator(monkeypatch):
     first, again, other = switched_a(0), switched_a(0), switched_a(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # the re-initialisation depends on the seed only
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_model_init_gives_every_fresh_model_its_own_selection(tmp_path):
+    """model_init (hyperparameter search) with peft_config used to crash ('NoneType' object has no attribute
+    '__dict__'); each model it makes must be wrapped and go through its own warm-up and switch."""
+    cfg = WeightLoraConfig(r=R, target_modules="all-linear", selection_steps=T)
+    trainer = WeightLoraTrainer(args=cpu_args(tmp_path, max_steps=6), model_init=lambda: tiny_llama(),
+                                train_dataset=addition_lm_dataset(), peft_config=cfg)
+    first = trainer.weight_lora
+    assert not first.switched
+    trainer.train()
+    second = trainer.weight_lora
+    assert second is not first and second.switched and second.model is trainer.model  # train() re-ran model_init
+    assert len(_lora_layers(trainer.model)) == second.k == 7
+    trainer.train()
+    assert trainer.weight_lora is not second and trainer.weight_lora.switched
+    assert cfg.target_modules == "all-linear"  # the user's config was not edited by the wrapping
+
+
+def test_the_switch_is_one_readable_line_at_the_default_log_level(tmp_path, capsys):
+    trainer, names, _ = _train(tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "WeightLoRA switch" in line]
+    assert lines == [
+        f"WeightLoRA switch at step {T + 1}: kept 7 of 14 adapters (rank {R}); per projection: "
+        + ", ".join(f"{p} {sum(a.kept for a in trainer.weight_lora.adapters if a.module.endswith(p))}/2"
+                    for p in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    ]
+
+
+def test_custom_loop_mistakes_fail_at_the_first_step_with_what_to_pass():
+    """A fraction T without max_steps used to never switch, silently; omega inside a hand-built optimizer was Adam-
+    updated unnoticed. Both fail at the first step now, before anything is trained."""
+    model = get_peft_model(tiny_llama(), WeightLoraConfig(r=R, target_modules="all-linear", selection_steps=0.1))
+    weight_lora = WeightLoraModel(model)
+    ids = torch.arange(3, 19).reshape(2, 8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match=r"selection_steps=0.1 is a fraction .*WeightLoraModel\(model, max_steps=N\)"):
+        weight_lora.omega_step()
+
+    model = get_peft_model(tiny_llama(), WeightLoraConfig(r=R, target_modules="all-linear", selection_steps=3))
+    weight_lora = WeightLoraModel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # the mistake: omega is in there
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match=r"holds WeightLoRA's omega.*weight_lora.trainable_parameters\(\)"):
+        optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)  # nothing moved
+    torch.optim.AdamW(weight_lora.trainable_parameters(), lr=1e-2).step()  # the right optimizer steps

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,10 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import WeightLoraConfig
+from .report import switch_summary
 from .selection import OUTCOMES, SKIPPED_NONFINITE, SKIPPED_WITH_OPTIMIZER, STEP_TAKEN, OmegaGates, stoiht_step
 from .surgery import (
     adapter_parameters,
@@ -88,6 +91,34 @@ def selectable_layers(base: nn.Module, adapter_name: str) -> list[tuple[str, Lor
             f"{instead}"
         )
     return selectable
+
+
+class _OmegaOptimizerGuard:
+    """A global optimizer step pre-hook, during the warm-up: an optimizer that holds omega is refused at its first
+    step, before it updates anything (Adam on omega would normalise away the magnitudes the ranking relies on, and
+    the optimizer would keep omega after the switch). Each optimizer is checked once."""
+
+    def __init__(self, weight_lora: "WeightLoraModel") -> None:
+        self._weight_lora = weakref.ref(weight_lora)
+        self._checked: weakref.WeakSet = weakref.WeakSet()
+        self._handle = register_optimizer_step_pre_hook(self)
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        weight_lora = self._weight_lora()
+        if weight_lora is None or weight_lora.gates is None:
+            return  # removing a hook while torch iterates over them is an error; the switch removes it
+        if optimizer in self._checked:
+            return
+        self._checked.add(optimizer)
+        omega = {id(p) for p in weight_lora.omega_parameters()}
+        if any(id(p) in omega for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                f"This {type(optimizer).__name__} holds WeightLoRA's omega, which WeightLoRA updates itself (StoIHT, "
+                "by SGD). Build the optimizer from weight_lora.trainable_parameters() instead of model.parameters()."
+            )
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def _few(names: list[str], shown: int = 3) -> str:
@@ -155,8 +186,11 @@ class WeightLoraModel:
         if config.selection == "stoiht":
             self.gates = OmegaGates(model, [module for _, module in layers], self.adapter_name)
             self._outcome_counts = torch.zeros(len(OUTCOMES), dtype=torch.int64, device=self.omega.device)
+            self._optimizer_guard = _OmegaOptimizerGuard(self)
         if max_steps is not None:
             self.set_max_steps(max_steps)
+        elif isinstance(config.selection_steps, int):
+            self.selection_steps = config.selection_steps  # a count needs no max_steps (custom loops)
 
     # --- the selection phase --------------------------------------------------------------------------------
 
@@ -206,6 +240,12 @@ class WeightLoraModel:
         """
         if self.gates is None or self.switched:
             return False
+        if self.selection_steps is None:
+            raise ValueError(
+                f"selection_steps={self.config.selection_steps} is a fraction of max_steps, which this WeightLoraModel "
+                "was not given, so it would never know when to switch: WeightLoraModel(model, max_steps=N) or "
+                "weight_lora.set_max_steps(N), or an int selection_steps."
+            )
         if grad is None:
             grad = self.take_omega_grad()
         values = self.gates.values
@@ -245,7 +285,11 @@ class WeightLoraModel:
 
     @torch.no_grad()
     def switch(
-        self, optimizer: torch.optim.Optimizer | None = None, seed: int = 0, kept: list[int] | None = None
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        seed: int = 0,
+        kept: list[int] | None = None,
+        announce: bool = True,
     ) -> list[AdapterInfo]:
         """Freeze the selection and turn the model into plain LoRA on the kept adapters.
 
@@ -254,6 +298,7 @@ class WeightLoraModel:
         adapter's config becomes a stock `LoraConfig`. With `optimizer`, it is edited in place to hold exactly
         the remaining trainable parameters. `seed` fixes the re-initialisation (and the random selection)
         without touching the global RNG; `kept` overrides the selection (used when resuming a checkpoint).
+        `announce` logs the `summary()` line at INFO (the trainers print it themselves, on the main process).
         """
         if self.switched:
             raise RuntimeError("WeightLoRA: the switch already happened; the model is plain LoRA now.")
@@ -264,6 +309,7 @@ class WeightLoraModel:
         if self.gates is not None:
             self.gates.remove()
             self.gates = None
+            self._optimizer_guard.remove()
 
         cfg = self.config
         replacements: dict[int, list[nn.Parameter]] = {}
@@ -306,14 +352,14 @@ class WeightLoraModel:
             retarget_optimizer(optimizer, replacements)
         self.switched = True
         self.adapters = infos
-        logger.info(
-            "WeightLoRA switch: kept %d of %d adapters (rank %s): %s",
-            len(kept),
-            self.num_adapters,
-            sorted(set(ranks.values())),
-            ", ".join(self.module_names[i] for i in kept),
-        )
+        if announce:
+            logger.info("WeightLoRA switch: %s", self.summary())
+        logger.debug("WeightLoRA kept: %s", ", ".join(self.module_names[i] for i in kept))
         return infos
+
+    def summary(self) -> str:
+        """One line: 'kept 105 of 210 adapters (rank 8); per projection: q_proj 10/30, ...' (after the switch)."""
+        return switch_summary(self.report())
 
     def _warn_about_nonfinite_steps(self) -> None:
         skipped = self.omega_steps[OUTCOMES[SKIPPED_NONFINITE]]
@@ -371,7 +417,7 @@ class WeightLoraModel:
         self._restored_counts = [int(restored.get(name, 0)) for name in OUTCOMES]
         if report["switched"]:
             kept = [a["index"] for a in report["adapters"] if a["kept"]]
-            self.switch(kept=kept)
+            self.switch(kept=kept, announce=False)
             # The switch recorded the omega of this fresh model; keep the checkpoint's record instead.
             self.adapters = [
                 AdapterInfo(a["module"], a["omega"], a["kept"], a["rank"]) for a in report["adapters"]

@@ -33,6 +33,24 @@ def read_selection(directory: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def kept_by_projection(report: dict) -> str:
+    """'q_proj 14/30, k_proj 9/30, ...': the kept count per projection type, in model order."""
+    grid = selection_grid(report)
+    parts = []
+    for column, label in enumerate(grid["labels"]):
+        cells = [row[column] for row in grid["kept"] if row[column] is not None]
+        parts.append(f"{label} {sum(cells)}/{len(cells)}")
+    return ", ".join(parts)
+
+
+def switch_summary(report: dict) -> str:
+    """One line for the console: 'kept 105 of 210 adapters (rank 8); per projection: q_proj 10/30, ...'."""
+    ranks = sorted({a["rank"] for a in report["adapters"] if a["kept"]})
+    kept = sum(a["kept"] for a in report["adapters"])
+    rank = ", ".join(map(str, ranks))
+    return f"kept {kept} of {report['n']} adapters (rank {rank}); per projection: {kept_by_projection(report)}"
+
+
 # --- the selection heatmap (the paper's Figure 2) ---------------------------------------------------------------
 
 MATPLOTLIB_INSTALL = "pip install matplotlib  (or: pip install 'wlora-trl[examples]')"

@@ -23,6 +23,7 @@ other variants), `load_best_model_at_end` refused (checkpoints on either side of
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from typing import Any
 
@@ -189,9 +190,11 @@ class WeightLoraMixin:
         ddp = _ddp_inside(self.model_wrapped)
         if self.accelerator.num_processes > 1:
             check_ranks_agree(self.weight_lora)
-        self.weight_lora.switch(self.optimizer, seed=self.args.seed)
+        self.weight_lora.switch(self.optimizer, seed=self.args.seed, announce=False)
         if ddp is not None:
             self.model_wrapped = self._rewrap_ddp(ddp)
+        # At the default log level, on the main process only: the one event of the run a user must not miss.
+        self.accelerator.print(f"WeightLoRA switch at step {self.state.global_step + 1}: {self.weight_lora.summary()}")
         self._weight_lora_logs = {
             "weight_lora/kept_adapters": self.weight_lora.k,
             "weight_lora/total_adapters": self.weight_lora.num_adapters,
@@ -358,14 +361,34 @@ class WeightLoraTrainer(WeightLoraMixin, Trainer):
     """
 
     def __init__(self, model=None, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
-        _check_peft_config(peft_config, model)
-        _check_training_args(args)
-        if peft_config is not None:
-            if isinstance(model, PeftModel):
-                raise ValueError("Pass either a PeftModel or peft_config, not both.")
-            model = get_peft_model(model, peft_config)
+        self._peft_config_for_model_init = None
+        if model is None and kwargs.get("model_init") is not None:
+            # model_init (hyperparameter search): every fresh model is wrapped and gets its own selection, in
+            # call_model_init; it must return a plain model with peft_config, or a WeightLoRA PeftModel without.
+            _check_training_args(args)
+            self._peft_config_for_model_init = peft_config
+        else:
+            _check_peft_config(peft_config, model)
+            _check_training_args(args)
+            if peft_config is not None:
+                if isinstance(model, PeftModel):
+                    raise ValueError("Pass either a PeftModel or peft_config, not both.")
+                model = get_peft_model(model, peft_config)
         super().__init__(model, args, *trainer_args, **kwargs)
         self._setup_weight_lora()
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        config = self._peft_config_for_model_init
+        _check_peft_config(config, model)
+        if config is not None:
+            if isinstance(model, PeftModel):
+                raise ValueError("model_init returned a PeftModel and peft_config was passed too; pass one of them.")
+            model = get_peft_model(model, copy.deepcopy(config))  # PEFT edits the config it is given
+        if hasattr(self, "weight_lora"):  # a new model for train(): a new selection (set up in __init__ otherwise)
+            self.model = model
+            self._setup_weight_lora()
+        return model
 
 
 class WeightLoraSFTTrainer(WeightLoraMixin, SFTTrainer):

@@ -34,13 +34,12 @@ from trl import ModelConfig, TrlParser
 
 from ..evaluation.quick import results_table, write_results
 from ..local_models import MINILM_HUB_ID, resolve_model
-from ..report import plot_selection_heatmap
+from ..report import kept_by_projection, plot_selection_heatmap
 from ..tasks import boolq
 from ..trainer import WeightLoraTrainer
 from .common import (
     WeightLoraArguments,
     build_peft_config,
-    kept_by_projection,
     let_optional_bools_stand_alone,
     show_wlora_logs,
 )

@@ -121,15 +121,3 @@ def show_wlora_logs() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         logger.addHandler(handler)
-
-
-def kept_by_projection(report: dict) -> str:
-    """'q_proj 14/30, k_proj 9/30, ...': the kept count per projection type, in model order."""
-    from ..report import selection_grid
-
-    grid = selection_grid(report)
-    parts = []
-    for column, label in enumerate(grid["labels"]):
-        cells = [row[column] for row in grid["kept"] if row[column] is not None]
-        parts.append(f"{label} {sum(cells)}/{len(cells)}")
-    return ", ".join(parts)

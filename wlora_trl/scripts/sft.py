@@ -51,13 +51,12 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 from ..evaluation.quick import greedy_generate_across_processes, results_table, write_results
 from ..local_models import SMOLLM2_HUB_ID, resolve_model
 from ..local_models import _hub_offline as hub_offline  # one definition of the HF_HUB_OFFLINE spellings
-from ..report import plot_selection_heatmap
+from ..report import kept_by_projection, plot_selection_heatmap
 from ..tasks import gsm8k
 from ..trainer import WeightLoraSFTTrainer
 from .common import (
     WeightLoraArguments,
     build_peft_config,
-    kept_by_projection,
     let_optional_bools_stand_alone,
     show_wlora_logs,
 )

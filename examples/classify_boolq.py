@@ -9,6 +9,7 @@ deterministic train/eval split of BoolQ's validation file and the limits). Print
 """
 
 from wlora_trl.scripts.classify_boolq import main, make_parser
+from wlora_trl.scripts.common import run_recipe
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    run_recipe(main, make_parser)

@@ -12,6 +12,7 @@ selection_heatmap.png and eval_results.{json,md}.
 """
 
 from wlora_trl.scripts.sft import main, make_parser
+from wlora_trl.scripts.common import run_recipe
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    run_recipe(main, make_parser)

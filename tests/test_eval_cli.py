@@ -375,3 +375,21 @@ def test_sft_subcommand_launches_accelerate_with_the_script_module(monkeypatch):
     assert namespace.module and namespace.training_script == "wlora_trl.scripts.sft"
     assert namespace.config_file == str(packaged_accelerate_configs()["single_gpu_8bit"])
     assert namespace.training_script_args == ["--bf16", "false"]
+
+
+def test_base_folder_without_a_tokenizer_is_refused_before_loading(tmp_path, capsys, no_model_load):
+    """It used to fail late, inside lm-eval, with a cryptic message."""
+    _tiny_llama(64).save_pretrained(tmp_path / "weights_only")
+    err = _refused(capsys, ["eval", "--model", str(tmp_path / "weights_only"), "--tasks", "boolq"])
+    assert "holds no tokenizer" in err and "tokenizer.save_pretrained(path)" in err
+
+
+def test_no_git_noise_outside_a_checkout(tiny, data_dir, tmp_path, monkeypatch, capfd):
+    """lm-eval runs `git describe` in the working directory; outside a checkout git's "fatal: not a git repository"
+    used to land on the user's terminal."""
+    base, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(base), "--tasks", "boolq", "--limit", "1", "--device", "cpu", "--data_dir",
+            str(data_dir), "--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "not a git repository" not in capfd.readouterr().err

@@ -321,3 +321,27 @@ def test_example_scripts_run_and_show_flags(script):
     assert result.returncode == 0, result.stderr
     for flag in ("--method", "--k", "--selection_steps", "--plus", "--data_dir", "--model_name_or_path"):
         assert flag in result.stdout
+
+
+def test_sft_max_length_that_cuts_off_every_heldout_answer_is_refused_before_training(tmp_path, monkeypatch):
+    """It used to die with KeyError: 'eval_loss' in the first evaluation."""
+    monkeypatch.setattr(sft, "evaluate", lambda *a, **k: pytest.fail("evaluated although nothing was left to score"))
+    flags = tiny_sft_flags(tmp_path / "out")
+    flags[flags.index("--max_length") + 1] = "40"
+    with pytest.raises(ValueError, match=r"--max_length 40 cuts off every one of the 2 held-out answers.*"
+                                         r"--heldout_loss_samples 0"):
+        run_sft(flags)
+
+
+def test_sft_command_refusal_is_one_message_not_two_tracebacks(tmp_path):
+    """`wlora-trl sft` with missing data: the script's message, no traceback from it nor from accelerate launch."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WLORA_TRL_TRACEBACK", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "wlora_trl.cli", "sft", "--num_processes", "1", "--data_dir", str(tmp_path),
+         "--output_dir", str(tmp_path / "out"), "--max_steps", "3"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: " in done.stderr and str(tmp_path / "gsm8k" / "train.jsonl") in done.stderr
+    assert "Traceback" not in done.stderr and "CalledProcessError" not in done.stderr

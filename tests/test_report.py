@@ -159,3 +159,12 @@ def test_heatmap_does_not_touch_pyplot_state(tmp_path):
 def test_heatmap_single_layer(tmp_path):
     pixels = _png(plot_selection_heatmap(llama_report(num_layers=1, k=3), tmp_path / "one.png"))
     assert pixels.shape[1] > pixels.shape[0]  # one row of seven cells: wider than tall
+
+
+def test_heatmap_takes_a_selection_json_path_or_its_folder(tmp_path):
+    report = llama_report(num_layers=3)
+    write_selection(tmp_path, report)
+    from_dict = _png(plot_selection_heatmap(report, tmp_path / "dict.png"))
+    from_file = _png(plot_selection_heatmap(tmp_path / "selection.json", tmp_path / "file.png"))
+    from_folder = _png(plot_selection_heatmap(str(tmp_path), tmp_path / "folder.png"))
+    assert np.array_equal(from_dict, from_file) and np.array_equal(from_dict, from_folder)

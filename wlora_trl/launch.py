@@ -10,6 +10,7 @@ module (`-m wlora_trl.scripts.sft`), so it runs from the installed package, with
 
 from __future__ import annotations
 
+import subprocess
 from importlib import resources
 from pathlib import Path
 
@@ -91,5 +92,9 @@ def run_sft(argv: list[str]) -> int:
     parser = sft.make_parser()
     parser.prog = "wlora-trl sft"
     launch_argv = sft_launch_argv(parser, argv)
-    launch_command(launch_command_parser().parse_args(launch_argv))
+    try:
+        launch_command(launch_command_parser().parse_args(launch_argv))
+    except subprocess.CalledProcessError as error:
+        # The script already said what went wrong; accelerate's own traceback would only bury it.
+        return error.returncode
     return 0

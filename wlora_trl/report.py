@@ -112,8 +112,10 @@ def selection_grid(report: dict) -> dict:
     }
 
 
-def plot_selection_heatmap(report: dict, path: str | os.PathLike, title: str | None = None) -> str:
+def plot_selection_heatmap(report: dict | str | os.PathLike, path: str | os.PathLike, title: str | None = None) -> str:
     """Draw the selection of a `selection.json` report as a heatmap PNG and return its path.
+
+    `report` is the report dict, a `selection.json` path, or the folder holding it (a saved adapter, a checkpoint).
 
     Rows are layers, columns projection types (in model order), the colour is each adapter's final omega (scaled
     to the range of the nonzero values, white = 0 = dropped, grey = no adapter there) and kept adapters are
@@ -130,6 +132,13 @@ def plot_selection_heatmap(report: dict, path: str | os.PathLike, title: str | N
         raise ImportError(f"Plotting the selection heatmap needs matplotlib: {MATPLOTLIB_INSTALL}") from err
     import numpy as np
 
+    if not isinstance(report, dict):
+        location = os.fspath(report)
+        if os.path.isdir(location):
+            report = read_selection(location)
+        else:
+            with open(location) as f:
+                report = json.load(f)
     grid = selection_grid(report)
     n_rows, n_cols = len(grid["layers"]), len(grid["projections"])
     has_omega = any(value is not None for row in grid["omega"] for value in row)

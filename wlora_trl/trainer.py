@@ -145,7 +145,8 @@ class WeightLoraMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         weight_lora = self.weight_lora
-        if weight_lora.selection_steps is None:
+        if not self._wrapper_checked and not weight_lora.switched:
+            # Against the run's real length, known only now for epoch-based runs: refuse a T the run never reaches.
             weight_lora.set_max_steps(self.state.max_steps)
         if self._omega_grad is not None:
             # omega's gradient from the last step was never applied: the GradScaler skipped that optimizer step

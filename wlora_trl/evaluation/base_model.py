@@ -44,6 +44,11 @@ def _in_out(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
+# Any of these makes a folder loadable by AutoTokenizer (fast, slow sentencepiece, BPE and WordPiece layouts).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def inspect_base_model(name: str) -> BaseModelInfo:
     """Resolve `--model` (local folder, hub id, or a packaged default such as SmolLM2) and list its layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,6 +59,11 @@ def inspect_base_model(name: str) -> BaseModelInfo:
     except (OSError, ValueError) as err:
         hint = "" if os.path.exists(path) else " (not a local folder; offline, only local folders and packaged models work)"
         raise ModelInputError(f"--model {name}: cannot read its config{hint}: {err}") from err
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelInputError(
+            f"--model {name}: {path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...), which lm-eval needs "
+            "to read the tasks. Save it next to the weights: tokenizer.save_pretrained(path)."
+        )
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

@@ -9,8 +9,10 @@ the code a multi-GPU run runs. The cost is reloading the base for each adapter, 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -78,21 +80,44 @@ def make_lm(settings: RunSettings, adapter: str | None):
     )
 
 
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records the git commit of the working directory by running `git describe`, whose "fatal: not a git
+    repository" goes straight to the user's terminal outside a checkout. Same value, without the noise."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.get_git_commit_hash
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+            return out.stdout.strip()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+
+    lm_eval.evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
 def evaluate_model(settings: RunSettings, adapter: str | None, tasks: list[str], task_manager) -> dict | None:
     """lm-eval's results for one model; None on ranks other than 0 of a data-parallel run."""
     import lm_eval
 
     lm = make_lm(settings, adapter)
     try:
-        return lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            task_manager=task_manager,
-            limit=settings.limit,
-            num_fewshot=settings.num_fewshot,
-            apply_chat_template=settings.apply_chat_template,
-            log_samples=False,
-        )
+        with _quiet_git_hash():
+            return lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=task_manager,
+                limit=settings.limit,
+                num_fewshot=settings.num_fewshot,
+                apply_chat_template=settings.apply_chat_template,
+                log_samples=False,
+            )
     finally:
         # The next model must not share memory with this one (matters on GPUs and for 8-bit bases).
         del lm

@@ -41,6 +41,7 @@ from .common import (
     WeightLoraArguments,
     build_peft_config,
     let_optional_bools_stand_alone,
+    run_recipe,
     show_wlora_logs,
 )
 
@@ -214,4 +215,4 @@ def main(script_args: BoolQScriptArguments, training_args: TrainingArguments, mo
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    run_recipe(main, make_parser)

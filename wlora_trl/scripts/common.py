@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -121,3 +122,20 @@ def show_wlora_logs() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         logger.addHandler(handler)
+
+
+# What the recipes raise when they refuse their input (bad flags, missing data or model files, an impossible K or T):
+# the message says what to change, so the command line shows the message, not a traceback.
+INPUT_ERRORS = (ValueError, OSError, ImportError)
+
+
+def run_recipe(main, make_parser) -> None:
+    """Entry point of a recipe (`python -m`, `accelerate launch`, examples/): parse, run, and print a refusal of the
+    input as one message (exit status 2) instead of a traceback; WLORA_TRL_TRACEBACK=1 shows the traceback."""
+    try:
+        main(*make_parser().parse_args_and_config())
+    except INPUT_ERRORS as error:
+        if os.environ.get("WLORA_TRL_TRACEBACK"):
+            raise
+        print(f"error: {error}\n(set WLORA_TRL_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

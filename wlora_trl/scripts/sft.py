@@ -58,6 +58,7 @@ from .common import (
     WeightLoraArguments,
     build_peft_config,
     let_optional_bools_stand_alone,
+    run_recipe,
     show_wlora_logs,
 )
 
@@ -273,6 +274,12 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         peft_config=peft_config,
         quantization_config=get_quantization_config(model_args),
     )
+    if heldout and len(trainer.eval_dataset) == 0:
+        raise ValueError(
+            f"--max_length {training_args.max_length} cuts off every one of the {len(heldout)} held-out answers, so "
+            "there is no held-out loss to measure. Raise --max_length (a GSM8K question with its answer takes about "
+            "320 tokens with SmolLM2's tokenizer and chat template), or pass --heldout_loss_samples 0."
+        )
     questions = test_examples[: script_args.exact_match_samples]
     timings["setup"] = time.perf_counter() - start
 
@@ -333,4 +340,4 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    run_recipe(main, make_parser)

@@ -3,7 +3,7 @@
     python benchmarks/quality.py --sweep                  # the CPU run the README reports (~100 min)
     python benchmarks/quality.py --max_steps 500 --seeds 0 1 2 --em_limit 250   # on a GPU
 
-Every run is the flagship recipe (`wlora_trl.scripts.sft`) with identical data order (per seed), steps, batch and
+Every run is the flagship recipe (`wlora_trl.recipes.sft`) with identical data order (per seed), steps, batch and
 learning rate; only the adapter method differs:
   lora             plain LoRA, rank r, on all n projections
   weightlora       WeightLoRA, K = n/2, rank r
@@ -44,19 +44,50 @@ METHODS = {
 
 def train(name: str, method_flags: list[str], seed: int, args, extra: list[str] = ()) -> dict:
     """One SFT run through the recipe; returns its summary plus the kept modules."""
-    from wlora_trl.scripts.sft import main as sft_main
-    from wlora_trl.scripts.sft import make_parser
+    from wlora_trl.recipes.sft import main as sft_main
+    from wlora_trl.recipes.sft import make_parser
+    from wlora_trl.state import SELECTION_FILE, read_selection
 
     output_dir = Path(args.work_dir) / f"{name}_seed{seed}"
     argv = [
-        "--output_dir", str(output_dir), "--seed", str(seed), "--data_seed", str(seed),
-        "--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate), "--max_length", str(args.max_length),
-        "--max_train_samples", str(args.train_samples),
-        "--lora_r", str(args.r), "--lora_alpha", str(2 * args.r), "--selection_steps", str(args.selection_steps),
-        "--heldout_loss_samples", str(args.heldout_samples), "--exact_match_samples", "0", "--eval_before", "false",
-        "--save_strategy", "no", "--report_to", "none", "--logging_steps", "5", "--disable_tqdm", "true",
-        *method_flags, *extra,
+        "--output_dir",
+        str(output_dir),
+        "--seed",
+        str(seed),
+        "--data_seed",
+        str(seed),
+        "--max_steps",
+        str(args.max_steps),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--max_length",
+        str(args.max_length),
+        "--max_train_samples",
+        str(args.train_samples),
+        "--lora_r",
+        str(args.r),
+        "--lora_alpha",
+        str(2 * args.r),
+        "--selection_steps",
+        str(args.selection_steps),
+        "--heldout_loss_samples",
+        str(args.heldout_samples),
+        "--exact_match_samples",
+        "0",
+        "--eval_before",
+        "false",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "5",
+        "--disable_tqdm",
+        "true",
+        *method_flags,
+        *extra,
     ]
     record = output_dir / "quality_run.json"
     earlier = json.loads(record.read_text()) if record.exists() else None
@@ -66,10 +97,8 @@ def train(name: str, method_flags: list[str], seed: int, args, extra: list[str] 
     start = time.perf_counter()
     summary = sft_main(script_args, training_args, model_args)
     summary["seconds"] = time.perf_counter() - start
-    selection = output_dir / "selection.json"
     summary["kept"] = (
-        sorted(a["module"] for a in json.loads(selection.read_text())["adapters"] if a["kept"])
-        if selection.exists() else None
+        sorted(read_selection(output_dir).kept_modules) if (output_dir / SELECTION_FILE).exists() else None
     )
     summary["trainable_parameters"] = trainable_parameters(output_dir)
     summary["adapter_dir"] = str(output_dir)
@@ -102,16 +131,30 @@ def exact_match(adapter_dirs: list[str], args) -> dict[str, float]:
         scores = read_exact_match(earlier)
         if earlier["settings"]["limit"] == args.em_limit and set(scores) == wanted:
             return scores
-    cli_main(["eval", "--tasks", "gsm8k", "--limit", str(args.em_limit), "--batch_size", "8",
-              "--output_dir", str(out), "--adapter", *adapter_dirs])
+    cli_main(
+        [
+            "eval",
+            "--tasks",
+            "gsm8k",
+            "--limit",
+            str(args.em_limit),
+            "--batch_size",
+            "8",
+            "--output_dir",
+            str(out),
+            "--adapter",
+            *adapter_dirs,
+        ]
+    )
     return read_exact_match(json.loads((out / "results.json").read_text()))
 
 
 def read_exact_match(results: dict) -> dict[str, float]:
     """{resolved adapter folder (or "base"): strict-match exact match} from the results.json `wlora-trl eval` writes."""
     return {
-        str(Path(model["adapter"]).resolve()) if model["adapter"] else "base":
-            results["results"][model["label"]]["gsm8k"]["exact_match (strict-match)"]["value"]
+        str(Path(model["adapter"]).resolve()) if model["adapter"] else "base": results["results"][model["label"]][
+            "gsm8k"
+        ]["exact_match (strict-match)"]["value"]
         for model in results["models"]
     }
 
@@ -124,8 +167,11 @@ def jaccard(sets: list[list[str]]) -> float | None:
 
 
 def spread(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def plot(summary: dict, sweeps: dict, path: Path) -> None:
@@ -138,8 +184,13 @@ def plot(summary: dict, sweeps: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     axes = list(axes[0])
     names = list(summary)
-    axes[0].bar(names, [summary[n]["heldout_loss"]["mean"] for n in names],
-                yerr=[summary[n]["heldout_loss"]["std"] for n in names], capsize=4, color="#4c72b0")
+    axes[0].bar(
+        names,
+        [summary[n]["heldout_loss"]["mean"] for n in names],
+        yerr=[summary[n]["heldout_loss"]["std"] for n in names],
+        capsize=4,
+        color="#4c72b0",
+    )
     low = min(summary[n]["heldout_loss"]["mean"] - summary[n]["heldout_loss"]["std"] for n in names)
     high = max(summary[n]["heldout_loss"]["mean"] + summary[n]["heldout_loss"]["std"] for n in names)
     axes[0].set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
@@ -162,22 +213,35 @@ def markdown(result: dict) -> str:
     methods = [name for name in summary if name in METHODS]
     lora_loss = summary["lora"]["heldout_loss"]["mean"] if "lora" in summary else None
     em_header = f"GSM8K exact match ({settings['em_limit']} q, 5-shot)" if settings["em_limit"] else None
-    header = ["method", f"held-out loss ({settings['heldout_samples']} answers)", "vs LoRA", em_header,
-              "trainable params (first seed)", "kept-set Jaccard across seeds"]
+    header = [
+        "method",
+        f"held-out loss ({settings['heldout_samples']} answers)",
+        "vs LoRA",
+        em_header,
+        "trainable params (first seed)",
+        "kept-set Jaccard across seeds",
+    ]
     header = [h for h in header if h]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for name in methods:
         s = summary[name]
         loss = s["heldout_loss"]
-        cells = [name, f"{loss['mean']:.4f} ± {loss['std']:.4f}",
-                 f"{loss['mean'] - lora_loss:+.4f}" if lora_loss is not None else "-"]
+        cells = [
+            name,
+            f"{loss['mean']:.4f} ± {loss['std']:.4f}",
+            f"{loss['mean'] - lora_loss:+.4f}" if lora_loss is not None else "-",
+        ]
         if em_header:
             cells.append(f"{s['exact_match']['mean']:.3f} ± {s['exact_match']['std']:.3f}")
         jac = s["kept_jaccard_across_seeds"]
         cells += [f"{s['trainable_parameters']:,}", f"{jac:.2f}" if jac is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     for knob, points in result["sweeps"].items():
-        lines += ["", f"| WeightLoRA, {knob} | held-out loss (seed {settings['seeds'][0]}) | kept |", "|---:|---:|---:|"]
+        lines += [
+            "",
+            f"| WeightLoRA, {knob} | held-out loss (seed {settings['seeds'][0]}) | kept |",
+            "|---:|---:|---:|",
+        ]
         for value in sorted(points, key=float):
             kept = points[value]["kept"]
             lines.append(f"| {value} | {points[value]['heldout_loss']:.4f} | {len(kept) if kept else '-'} |")
@@ -194,13 +258,19 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=320)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--train_samples", type=int, default=2000,
-                        help="train on the first N GSM8K train rows, shuffled per seed (the same rows for every method)")
+    parser.add_argument(
+        "--train_samples",
+        type=int,
+        default=2000,
+        help="train on the first N GSM8K train rows, shuffled per seed (the same rows for every method)",
+    )
     parser.add_argument("--heldout_samples", type=int, default=48)
     parser.add_argument("--em_limit", type=int, default=8, help="GSM8K questions for exact match (0: skip)")
     parser.add_argument("--sweep", action="store_true", help="also sweep K and T on the first seed")
     parser.add_argument("--sweep_k", nargs="*", default=["0.25", "0.75"], help="K values of the sweep (besides 0.5)")
-    parser.add_argument("--sweep_T", nargs="*", default=["2", "10"], help="T values of the sweep (besides --selection_steps)")
+    parser.add_argument(
+        "--sweep_T", nargs="*", default=["2", "10"], help="T values of the sweep (besides --selection_steps)"
+    )
     parser.add_argument("--work_dir", default="outputs/quality")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "quality.json"))
     args = parser.parse_args()
@@ -213,12 +283,15 @@ def main() -> None:
     if args.sweep:
         seed = args.seeds[0]
         if args.sweep_k:
-            sweeps["k"] = {k: train(f"weightlora_k{k}", METHODS["weightlora"], seed, args, ["--k", k])
-                           for k in args.sweep_k}
+            sweeps["k"] = {
+                k: train(f"weightlora_k{k}", METHODS["weightlora"], seed, args, ["--k", k]) for k in args.sweep_k
+            }
             sweeps["k"]["0.5"] = runs["weightlora"][0]
         if args.sweep_T:
-            sweeps["T"] = {t: train(f"weightlora_T{t}", METHODS["weightlora"], seed, args, ["--selection_steps", t])
-                           for t in args.sweep_T}
+            sweeps["T"] = {
+                t: train(f"weightlora_T{t}", METHODS["weightlora"], seed, args, ["--selection_steps", t])
+                for t in args.sweep_T
+            }
             sweeps["T"][args.selection_steps] = runs["weightlora"][0]
 
     scores = {}
@@ -235,30 +308,47 @@ def main() -> None:
             "train_seconds": spread([run["timings_s"]["train"] for run in runs[name]]),
         }
         if scores:
-            summary[name]["exact_match"] = spread([scores[str(Path(run["adapter_dir"]).resolve())]
-                                                   for run in runs[name]])
+            summary[name]["exact_match"] = spread(
+                [scores[str(Path(run["adapter_dir"]).resolve())] for run in runs[name]]
+            )
     if scores:
         summary["base_exact_match"] = scores.get("base")
-    sweep_summary = {knob: {value: {"heldout_loss": run["after"]["heldout_loss"], "kept": run["kept"]}
-                            for value, run in points.items()} for knob, points in sweeps.items()}
+    sweep_summary = {
+        knob: {
+            value: {"heldout_loss": run["after"]["heldout_loss"], "kept": run["kept"]} for value, run in points.items()
+        }
+        for knob, points in sweeps.items()
+    }
 
+    import peft
     import torch
     import transformers
-    import peft
     import trl
 
     result = {
         "command": " ".join(["python", *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "trl": trl.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": __import__("os").cpu_count(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "trl": trl.__version__,
+        },
         "settings": vars(args),
         "summary": summary,
         "sweeps": sweep_summary,
-        "runs": {name: [{k: run[k] for k in ("after", "kept", "trainable_parameters", "train_loss", "timings_s")}
-                        for run in runs[name]] for name in args.methods},
+        "runs": {
+            name: [
+                {k: run[k] for k in ("after", "kept", "trainable_parameters", "train_loss", "timings_s")}
+                for run in runs[name]
+            ]
+            for name in args.methods
+        },
         "wall_seconds": time.perf_counter() - started,
     }
     output = Path(args.output)
@@ -272,8 +362,10 @@ def main() -> None:
         s = summary[name]
         em = f"{s['exact_match']['mean']:.3f} ± {s['exact_match']['std']:.3f}" if "exact_match" in s else "-"
         jac = f"{s['kept_jaccard_across_seeds']:.2f}" if s["kept_jaccard_across_seeds"] is not None else "-"
-        print(f"{name:<17}{s['heldout_loss']['mean']:>12.4f} ± {s['heldout_loss']['std']:.4f}{em:>20}"
-              f"{s['trainable_parameters']:>12,}{jac:>14}")
+        print(
+            f"{name:<17}{s['heldout_loss']['mean']:>12.4f} ± {s['heldout_loss']['std']:.4f}{em:>20}"
+            f"{s['trainable_parameters']:>12,}{jac:>14}"
+        )
     print(f"\nwrote {output} and its .png and .md ({result['wall_seconds'] / 60:.1f} min)")
 
 

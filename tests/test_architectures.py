@@ -28,34 +28,96 @@ from transformers import (
     T5Config,
 )
 
+from tests.testing_utils import VOCAB, addition_lm_dataset, classification_dataset, cpu_args, tiny_qwen3_moe
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
-
-from .conftest import VOCAB, addition_lm_dataset, classification_dataset, cpu_args, tiny_qwen3_moe
 
 V = len(VOCAB)
 IDS = torch.arange(3, 35).reshape(2, 16)
 
 ARCHITECTURES = {  # name: (model factory, Auto class, data, extra WeightLoraConfig fields)
-    "llama": (lambda: AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2)), "AutoModelForCausalLM", addition_lm_dataset, {}),
+    "llama": (
+        lambda: AutoModelForCausalLM.from_config(
+            LlamaConfig(
+                vocab_size=V,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        ),
+        "AutoModelForCausalLM",
+        addition_lm_dataset,
+        {},
+    ),
     "qwen3_moe": (tiny_qwen3_moe, "AutoModelForCausalLM", addition_lm_dataset, {}),
-    "gpt2": (lambda: AutoModelForCausalLM.from_config(GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4,
-                                                                 n_positions=64)),
-             "AutoModelForCausalLM", addition_lm_dataset, {}),
-    "gpt_neox": (lambda: AutoModelForCausalLM.from_config(GPTNeoXConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)),
-        "AutoModelForCausalLM", addition_lm_dataset, {}),
-    "gemma": (lambda: AutoModelForCausalLM.from_config(GemmaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16)), "AutoModelForCausalLM", addition_lm_dataset, {}),
-    "bert_classifier": (lambda: AutoModelForSequenceClassification.from_config(BertConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=2)), "AutoModelForSequenceClassification", classification_dataset,
-        {"modules_to_save": ["classifier"]}),
-    "t5": (lambda: AutoModelForSeq2SeqLM.from_config(T5Config(
-        vocab_size=V, d_model=64, d_ff=96, num_layers=2, num_heads=4, d_kv=16, decoder_start_token_id=0,
-        pad_token_id=0)), "AutoModelForSeq2SeqLM", addition_lm_dataset, {}),
+    "gpt2": (
+        lambda: AutoModelForCausalLM.from_config(
+            GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        ),
+        "AutoModelForCausalLM",
+        addition_lm_dataset,
+        {},
+    ),
+    "gpt_neox": (
+        lambda: AutoModelForCausalLM.from_config(
+            GPTNeoXConfig(
+                vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+            )
+        ),
+        "AutoModelForCausalLM",
+        addition_lm_dataset,
+        {},
+    ),
+    "gemma": (
+        lambda: AutoModelForCausalLM.from_config(
+            GemmaConfig(
+                vocab_size=V,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+            )
+        ),
+        "AutoModelForCausalLM",
+        addition_lm_dataset,
+        {},
+    ),
+    "bert_classifier": (
+        lambda: AutoModelForSequenceClassification.from_config(
+            BertConfig(
+                vocab_size=V,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                num_labels=2,
+            )
+        ),
+        "AutoModelForSequenceClassification",
+        classification_dataset,
+        {"modules_to_save": ["classifier"]},
+    ),
+    "t5": (
+        lambda: AutoModelForSeq2SeqLM.from_config(
+            T5Config(
+                vocab_size=V,
+                d_model=64,
+                d_ff=96,
+                num_layers=2,
+                num_heads=4,
+                d_kv=16,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+            )
+        ),
+        "AutoModelForSeq2SeqLM",
+        addition_lm_dataset,
+        {},
+    ),
 }
 
 STOCK_RELOAD = textwrap.dedent(
@@ -86,8 +148,12 @@ def _target_modules(name: str, factory) -> str | list[str]:
     if name != "qwen3_moe":
         return "all-linear"
     with pytest.raises(ValueError) as refusal:
-        WeightLoraTrainer(factory(), cpu_args("unused", max_steps=6), train_dataset=addition_lm_dataset(),
-                          peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3))
+        WeightLoraTrainer(
+            factory(),
+            cpu_args("unused", max_steps=6),
+            train_dataset=addition_lm_dataset(),
+            peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
+        )
     return json.loads(re.search(r"Use target_modules=(\[.*?\])", str(refusal.value)).group(1).replace("'", '"'))
 
 
@@ -100,15 +166,29 @@ def matrix(tmp_path_factory):
         torch.manual_seed(0)
         factory().save_pretrained(root / name / "base")
         base = getattr(__import__("transformers"), auto).from_pretrained(root / name / "base")
-        cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules=_target_modules(name, factory), selection_steps=3,
-                               init_lora_weights="gaussian", **extra)
-        trainer = WeightLoraTrainer(base, cpu_args(root / name / "run", max_steps=6), train_dataset=data(),
-                                    peft_config=cfg)
+        cfg = WeightLoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=_target_modules(name, factory),
+            selection_steps=3,
+            init_lora_weights="gaussian",
+            **extra,
+        )
+        trainer = WeightLoraTrainer(
+            base, cpu_args(root / name / "run", max_steps=6), train_dataset=data(), peft_config=cfg
+        )
         trainer.train()
         trainer.save_model(str(root / name / "adapter"))
         results[name] = {"trainer": trainer, "logits": _logits(trainer.model, auto)}
-        runs.append({"auto": auto, "base": str(root / name / "base"), "adapter": str(root / name / "adapter"),
-                     "ids": str(root / "ids.pt"), "logits": str(root / name / "reloaded.pt")})
+        runs.append(
+            {
+                "auto": auto,
+                "base": str(root / name / "base"),
+                "adapter": str(root / name / "adapter"),
+                "ids": str(root / "ids.pt"),
+                "logits": str(root / name / "reloaded.pt"),
+            }
+        )
     (root / "runs.json").write_text(json.dumps(runs))
     subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(root / "runs.json")], check=True)
     for name in ARCHITECTURES:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # 2-process DDP runs
+
 WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
 
 
@@ -26,8 +28,20 @@ def _run(command, out):
 
 LAUNCHERS = {
     # On a CPU machine accelerate's --multi_gpu launcher starts torchrun workers, which use gloo.
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
 }
 
@@ -82,8 +96,9 @@ SCENARIOS = {
 @pytest.fixture(scope="module", params=sorted(SCENARIOS))
 def scenario(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    return request.param, _run([*LAUNCHERS["torchrun"], str(WORKER), str(out), "--batch", "2",
-                                *SCENARIOS[request.param]], out)
+    return request.param, _run(
+        [*LAUNCHERS["torchrun"], str(WORKER), str(out), "--batch", "2", *SCENARIOS[request.param]], out
+    )
 
 
 def test_ranks_stay_together_in_every_setup(scenario):
@@ -107,11 +122,11 @@ def test_the_old_ddp_wrapper_releases_the_old_adapters(runs):
     assert ddp["rank0"]["old_adapter_tensors_alive"] == 0
 
 
-@pytest.mark.parametrize("step, message", [(0, "is not wrapped in DistributedDataParallel"),
-                                           (1, "hold another omega than rank 0")])
+@pytest.mark.parametrize(
+    "step, message", [(0, "is not wrapped in DistributedDataParallel"), (1, "hold another omega than rank 0")]
+)
 def test_a_lost_ddp_wrapper_is_refused_not_trained_through(tmp_path, step, message):
     """Guard rails: training without a DDP wrapper is refused at the first step, and ranks that drifted apart are
     caught at the switch, before they keep different adapters."""
-    ddp = _run([*LAUNCHERS["torchrun"], str(WORKER), str(tmp_path), "--batch", "2", "--unwrap-at", str(step)],
-               tmp_path)
+    ddp = _run([*LAUNCHERS["torchrun"], str(WORKER), str(tmp_path), "--batch", "2", "--unwrap-at", str(step)], tmp_path)
     assert message in ddp["rank0"]["error"] and message in ddp["rank1"]["error"]

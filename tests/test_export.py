@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
-
-from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+from wlora_trl.state import read_selection
 
 STOCK_RELOAD = textwrap.dedent(
     """
@@ -55,21 +55,28 @@ def test_stock_peft_reload_reproduces_logits(tmp_path, extra):
     assert any(name.endswith("lora_B.default.weight") and p.abs().sum() > 0 for name, p in model.named_parameters())
 
     subprocess.run(
-        [sys.executable, "-c", STOCK_RELOAD, str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt"),
-         str(tmp_path / "logits.pt")],
+        [
+            sys.executable,
+            "-c",
+            STOCK_RELOAD,
+            str(base_dir),
+            str(adapter_dir),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
         check=True,
     )
     reloaded = torch.load(tmp_path / "logits.pt")
     assert (reloaded - expected).abs().max().item() <= 1e-5
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    selection = json.loads((adapter_dir / "selection.json").read_text())
-    kept = {a["module"] for a in selection["adapters"] if a["kept"]}
+    selection = read_selection(adapter_dir)
+    kept = set(selection.kept_modules)
     assert config["peft_type"] == "LORA" and set(config["target_modules"]) == kept
     assert not {"k", "selection_steps", "omega_lr", "plus", "reinit", "selection"} & set(config)
-    assert selection["n"] == 14 and selection["selection_steps"] == 3 and selection["switched"]
-    assert selection["switch_step"] == 4 and selection["step"] == 6
-    assert len(kept) == selection["k"] and all(a["rank"] == 0 for a in selection["adapters"] if not a["kept"])
+    assert selection.n == 14 and selection.selection_steps == 3 and selection.switched
+    assert selection.switch_step == 4 and selection.step == 6
+    assert len(kept) == selection.k and all(a.rank == 0 for a in selection.adapters if not a.kept)
     if "rank_pattern" in extra:
         kept_q = [name for name in kept if name.endswith("q_proj")]
         assert {config["rank_pattern"][name] for name in kept_q} <= {2} and config["r"] == 4
@@ -82,10 +89,15 @@ def test_adapter_saved_during_the_warmup_reloads_to_the_model_being_trained(tmp_
 
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     tiny_llama().save_pretrained(base_dir)
-    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=5,
-                           init_lora_weights="gaussian")
-    trainer = WeightLoraTrainer(AutoModelForCausalLM.from_pretrained(base_dir), cpu_args(tmp_path / "run", max_steps=8),
-                                train_dataset=addition_lm_dataset(), peft_config=cfg)
+    cfg = WeightLoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=5, init_lora_weights="gaussian"
+    )
+    trainer = WeightLoraTrainer(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        cpu_args(tmp_path / "run", max_steps=8),
+        train_dataset=addition_lm_dataset(),
+        peft_config=cfg,
+    )
     ids = torch.arange(3, 35).reshape(2, 16)
     torch.save(ids, tmp_path / "ids.pt")
     seen = {}
@@ -104,10 +116,19 @@ def test_adapter_saved_during_the_warmup_reloads_to_the_model_being_trained(tmp_
     omega = seen["omega"]
     assert int(omega.eq(0).sum()) == 9 and (omega[omega.ne(0)] - 1).abs().max() > 0.05  # the fold matters
 
-    subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "logits.pt")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_RELOAD,
+            str(base_dir),
+            str(adapter_dir),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        check=True,
+    )
     assert (torch.load(tmp_path / "logits.pt") - seen["logits"]).abs().max().item() <= 1e-5
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    selection = json.loads((adapter_dir / "selection.json").read_text())
     assert not {"k", "selection_steps", "omega_lr", "plus", "reinit", "selection"} & set(config)
-    assert len(config["target_modules"]) == 14 and selection["switched"] is False
+    assert len(config["target_modules"]) == 14 and read_selection(adapter_dir).switched is False

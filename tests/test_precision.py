@@ -8,10 +8,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import SFTConfig
 
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer, WeightLoraTrainer
 from wlora_trl.surgery import innermost_optimizer
-
-from .conftest import addition_lm_dataset, cpu_args, tiny_llama
 
 IDS = torch.arange(3, 35).reshape(2, 16)
 
@@ -23,8 +22,17 @@ def _sums_dataset():
 
 def _sft_args(path, **overrides):
     kwargs = dict(
-        max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
     )
     kwargs.update(overrides)
     return SFTConfig(str(path), **kwargs)
@@ -41,7 +49,10 @@ def test_8bit_base_through_switch_and_export(tmp_path, tokenizer):
     int8 = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=int8, device_map="cpu")
     trainer = WeightLoraSFTTrainer(
-        model=model, args=_sft_args(tmp_path / "run"), train_dataset=_sums_dataset(), processing_class=tokenizer,
+        model=model,
+        args=_sft_args(tmp_path / "run"),
+        train_dataset=_sums_dataset(),
+        processing_class=tokenizer,
         peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
     )
     # TRL casts adapters on quantized bases to bf16; omega stays fp32.
@@ -146,11 +157,15 @@ def test_fp16_grad_scaler_unscales_omega_and_skips_with_the_step(tmp_path, optim
 def test_gradient_checkpointing_gives_the_same_selection(tmp_path, tokenizer, use_reentrant):
     def omega_at_switch(path, checkpointing):
         args = _sft_args(
-            path, gradient_checkpointing=checkpointing,
+            path,
+            gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": use_reentrant} if checkpointing else None,
         )
         trainer = WeightLoraSFTTrainer(
-            model=tiny_llama(), args=args, train_dataset=_sums_dataset(), processing_class=tokenizer,
+            model=tiny_llama(),
+            args=args,
+            train_dataset=_sums_dataset(),
+            processing_class=tokenizer,
             peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=4),
         )
         seen = []

@@ -5,16 +5,17 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from transformers.trainer_utils import FSDPOption
 from trl import SFTConfig
 
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama, tiny_qwen3_moe
 from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraSFTTrainer, WeightLoraTrainer
-
-from .conftest import addition_lm_dataset, cpu_args, tiny_llama, tiny_qwen3_moe
 
 CFG = dict(r=4, target_modules="all-linear", selection_steps=3)
 
 
 def _build(tmp_path, model=None, peft_config=None, **args):
     model = tiny_llama() if model is None else model
-    return WeightLoraTrainer(model, cpu_args(tmp_path, **args), train_dataset=addition_lm_dataset(), peft_config=peft_config)
+    return WeightLoraTrainer(
+        model, cpu_args(tmp_path, **args), train_dataset=addition_lm_dataset(), peft_config=peft_config
+    )
 
 
 @pytest.mark.parametrize(
@@ -33,8 +34,10 @@ def test_k_and_t_are_refused_at_construction(tmp_path, cfg, message):
 
 def test_t_beyond_an_epoch_based_run_is_refused_before_the_first_step(tmp_path):
     trainer = WeightLoraTrainer(
-        tiny_llama(), cpu_args(tmp_path, max_steps=-1, num_train_epochs=1),
-        train_dataset=addition_lm_dataset(rows=16), peft_config=WeightLoraConfig(**{**CFG, "selection_steps": 5}),
+        tiny_llama(),
+        cpu_args(tmp_path, max_steps=-1, num_train_epochs=1),
+        train_dataset=addition_lm_dataset(rows=16),
+        peft_config=WeightLoraConfig(**{**CFG, "selection_steps": 5}),
     )
     with pytest.raises(ValueError, match="only max_steps=4"):
         trainer.train()  # 16 rows / batch 4 = 4 steps, known only once training starts
@@ -89,7 +92,9 @@ def test_sft_trainer_refuses_before_building_anything(tmp_path, tokenizer):
     args = SFTConfig(str(tmp_path), max_steps=10, use_cpu=True, bf16=False, report_to=[])
     with pytest.raises(TypeError, match="needs wlora_trl.WeightLoraConfig"):
         WeightLoraSFTTrainer(
-            "this-model-is-never-loaded", args=args, processing_class=tokenizer,
+            "this-model-is-never-loaded",
+            args=args,
+            processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules="all-linear"),
         )
 
@@ -107,15 +112,22 @@ def test_several_gpus_in_one_process_are_refused(tmp_path):
 def test_mixture_of_experts_with_all_linear_is_refused_with_the_modules_to_use(tmp_path):
     """PEFT adds LoRA on the expert and router parameters (target_parameters) while wrapping; the run used to train
     T steps and then crash in the switch. Refused at construction, naming the linear modules to target instead."""
-    with pytest.raises(ValueError, match=r"adapters on parameters .*Use target_modules=\['k_proj', 'o_proj', "
-                                         r"'q_proj', 'v_proj'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapters on parameters .*Use target_modules=\['k_proj', 'o_proj', "
+        r"'q_proj', 'v_proj'\]",
+    ):
         _build(tmp_path, model=tiny_qwen3_moe(), peft_config=WeightLoraConfig(**CFG))
 
 
-@pytest.mark.parametrize("targets, extra, instead", [(["embed_tokens", "q_proj"], {}, "'q_proj'"),
-                                                     (["lm_head", "q_proj"], {"ensure_weight_tying": True},
-                                                      "'lm_head', 'q_proj'")],
-                         ids=["embedding", "tied_lm_head"])
+@pytest.mark.parametrize(
+    "targets, extra, instead",
+    [
+        (["embed_tokens", "q_proj"], {}, "'q_proj'"),
+        (["lm_head", "q_proj"], {"ensure_weight_tying": True}, "'lm_head', 'q_proj'"),
+    ],
+    ids=["embedding", "tied_lm_head"],
+)
 def test_lora_on_embeddings_is_refused(tmp_path, targets, extra, instead):
     """Embedding adapters used to be skipped by the selection while they kept training, and left out of the export,
     so the reloaded adapter was not the trained model. ensure_weight_tying=True adds one for a tied lm_head."""

@@ -1,13 +1,11 @@
 """Checkpoints taken before, exactly at, and after T resume to the same losses and the same selection."""
 
-import json
-
 import pytest
 import torch
 
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
-
-from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+from wlora_trl.state import read_selection
 
 T = 4
 MAX_STEPS = 8
@@ -42,8 +40,7 @@ def uninterrupted(request, tmp_path_factory):
 def test_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted, checkpoint_step):
     plus, output_dir, full = uninterrupted
     checkpoint = output_dir / f"checkpoint-{checkpoint_step}"
-    selection = json.loads((checkpoint / "selection.json").read_text())
-    assert selection["switched"] == (checkpoint_step > T)
+    assert read_selection(checkpoint).switched == (checkpoint_step > T)
 
     resumed = _trainer(tmp_path, plus=plus)
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -64,9 +61,17 @@ def test_resume_in_the_warmup_continues_from_the_unfolded_weights(tmp_path):
     """A warm-up checkpoint's adapter file has omega folded into lora_B (so stock PEFT loads the model as it is);
     resuming must continue from the unfolded weights kept beside it, or the warm-up would continue from other
     weights. reinit=False carries the warm-up weights through the switch, so any difference shows to the end."""
+
     def trainer(output_dir):
-        cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=6, reinit=False,
-                               init_lora_weights="gaussian")
+        cfg = WeightLoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            k=5,
+            selection_steps=6,
+            reinit=False,
+            init_lora_weights="gaussian",
+        )
         args = cpu_args(output_dir, max_steps=9, save_strategy="steps", save_steps=3)
         return WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
 
@@ -74,7 +79,7 @@ def test_resume_in_the_warmup_continues_from_the_unfolded_weights(tmp_path):
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / "weight_lora_warmup_adapter.safetensors").is_file()
-    omega = torch.tensor([a["omega"] for a in json.loads((checkpoint / "selection.json").read_text())["adapters"]])
+    omega = torch.tensor([a.omega for a in read_selection(checkpoint).adapters])
     assert (omega - 1).abs().max() > 0.05  # omega has moved: folding changed the saved lora_B noticeably
 
     resumed = trainer(tmp_path / "resumed")

@@ -5,19 +5,18 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from tests.testing_utils import tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraModel
 from wlora_trl.selection import (
     OMEGA_PARAMETER_NAME,
     SKIPPED_NO_GRADIENT,
-    OmegaGatedLinear,
     SKIPPED_NONFINITE,
     SKIPPED_WITH_OPTIMIZER,
     STEP_TAKEN,
+    OmegaGatedLinear,
     stoiht_step,
     top_k_mask,
 )
-
-from .conftest import tiny_llama
 
 
 def test_top_k_keeps_largest_magnitude_not_largest_value():

@@ -7,9 +7,8 @@ the q/k/v adapters of that layer get exactly zero gradient and their omega stays
 import pytest
 import torch
 
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
-
-from .conftest import addition_lm_dataset, cpu_args, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]  # o_proj deliberately not adapted
 

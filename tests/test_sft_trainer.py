@@ -1,36 +1,44 @@
 """WeightLoraSFTTrainer as a drop-in for trl.SFTTrainer, and omega under gradient accumulation."""
 
-import json
-
 import torch
 from datasets import Dataset
 from trl import SFTConfig
 
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer, WeightLoraTrainer
-
-from .conftest import addition_lm_dataset, cpu_args, tiny_llama
+from wlora_trl.state import read_selection
 
 
 def _sums_dataset():
     pairs = [(a, b) for a in range(9) for b in range(9)]
-    return Dataset.from_dict(
-        {"prompt": [f"{a}+{b}=" for a, b in pairs], "completion": [str(a + b) for a, b in pairs]}
-    )
+    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "completion": [str(a + b) for a, b in pairs]})
 
 
 def test_sft_trainer_is_a_drop_in(tmp_path, tokenizer):
     args = SFTConfig(
-        str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3, logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+        str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
     )
     trainer = WeightLoraSFTTrainer(
-        model=tiny_llama(), args=args, train_dataset=_sums_dataset(), processing_class=tokenizer,
+        model=tiny_llama(),
+        args=args,
+        train_dataset=_sums_dataset(),
+        processing_class=tokenizer,
         peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
-    selection = json.loads((tmp_path / "adapter" / "selection.json").read_text())
-    assert selection["switched"] and sum(a["kept"] for a in selection["adapters"]) == 7
+    selection = read_selection(tmp_path / "adapter")
+    assert selection.switched and len(selection.kept_modules) == 7
     logged = [h for h in trainer.state.log_history if "weight_lora/kept_adapters" in h]
     assert len(logged) == 1 and "mean_token_accuracy" in logged[0]  # rode on a regular SFT log line
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -39,9 +47,7 @@ def test_sft_trainer_is_a_drop_in(tmp_path, tokenizer):
 
 def _omega_before_switch(tmp_path, batch, accumulation):
     cfg = WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=4, k=5)
-    args = cpu_args(
-        tmp_path, max_steps=5, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation
-    )
+    args = cpu_args(tmp_path, max_steps=5, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
     trainer = WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
     steps = []
     original_hook = trainer._omega_step_hook

@@ -6,11 +6,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import Trainer
 
-from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraTrainer
-from wlora_trl.selection import top_k_mask
-from wlora_trl.surgery import innermost_optimizer
-
-from .conftest import (
+from tests.testing_utils import (
     addition_lm_dataset,
     classification_dataset,
     cpu_args,
@@ -19,13 +15,18 @@ from .conftest import (
     tiny_bert_classifier,
     tiny_llama,
 )
+from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraTrainer
+from wlora_trl.selection import top_k_mask
+from wlora_trl.surgery import innermost_optimizer
 
 R = 4
 T = 3
 
 
 def _train(tmp_path, plus=False, reinit=True, k=0.5, **args):
-    cfg = WeightLoraConfig(r=R, lora_alpha=8, target_modules="all-linear", k=k, selection_steps=T, plus=plus, reinit=reinit)
+    cfg = WeightLoraConfig(
+        r=R, lora_alpha=8, target_modules="all-linear", k=k, selection_steps=T, plus=plus, reinit=reinit
+    )
     trainer = WeightLoraTrainer(
         tiny_llama(), cpu_args(tmp_path, **args), train_dataset=addition_lm_dataset(), peft_config=cfg
     )
@@ -151,7 +152,9 @@ def test_classifier_head_trains_and_keeps_its_optimizer_state(tmp_path):
         r=R, target_modules=["query", "value", "dense"], modules_to_save=["classifier"], k=0.25, selection_steps=T
     )
     trainer = WeightLoraTrainer(
-        tiny_bert_classifier(), cpu_args(tmp_path, max_steps=6), train_dataset=classification_dataset(),
+        tiny_bert_classifier(),
+        cpu_args(tmp_path, max_steps=6),
+        train_dataset=classification_dataset(),
         peft_config=cfg,
     )
     weight_lora = trainer.weight_lora
@@ -180,7 +183,7 @@ def test_random_selection_keeps_k_adapters_without_omega(tmp_path):
     assert trainer.weight_lora.omega is None
     trainer.train()
     assert len(_lora_layers(trainer.model)) == 7
-    assert trainer.weight_lora.report()["method"] == "random"
+    assert trainer.weight_lora.report().method == "random"
 
 
 def test_custom_training_loop_without_a_trainer():
@@ -201,9 +204,12 @@ def test_custom_training_loop_without_a_trainer():
             weight_lora.switch(optimizer)
     assert stepped[:4] == [False, True, True, True] and stepped[4:] == [False] * 6  # step 1: B = 0
     assert weight_lora.omega_steps == {
-        "taken": 3, "skipped_no_gradient": 1, "skipped_nonfinite": 0, "skipped_by_grad_scaler": 0
+        "taken": 3,
+        "skipped_no_gradient": 1,
+        "skipped_nonfinite": 0,
+        "skipped_by_grad_scaler": 0,
     }
-    assert weight_lora.report()["omega_steps"] == weight_lora.omega_steps
+    assert weight_lora.report().omega_steps == weight_lora.omega_steps
     assert len(_lora_layers(model)) == 7
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
         id(p) for p in model.parameters() if p.requires_grad
@@ -237,8 +243,12 @@ def test_model_init_gives_every_fresh_model_its_own_selection(tmp_path):
     """model_init (hyperparameter search) with peft_config used to crash ('NoneType' object has no attribute
     '__dict__'); each model it makes must be wrapped and go through its own warm-up and switch."""
     cfg = WeightLoraConfig(r=R, target_modules="all-linear", selection_steps=T)
-    trainer = WeightLoraTrainer(args=cpu_args(tmp_path, max_steps=6), model_init=lambda: tiny_llama(),
-                                train_dataset=addition_lm_dataset(), peft_config=cfg)
+    trainer = WeightLoraTrainer(
+        args=cpu_args(tmp_path, max_steps=6),
+        model_init=lambda: tiny_llama(),
+        train_dataset=addition_lm_dataset(),
+        peft_config=cfg,
+    )
     first = trainer.weight_lora
     assert not first.switched
     trainer.train()
@@ -255,8 +265,10 @@ def test_the_switch_is_one_readable_line_at_the_default_log_level(tmp_path, caps
     lines = [line for line in capsys.readouterr().out.splitlines() if "WeightLoRA switch" in line]
     assert lines == [
         f"WeightLoRA switch at step {T + 1}: kept 7 of 14 adapters (rank {R}); per projection: "
-        + ", ".join(f"{p} {sum(a.kept for a in trainer.weight_lora.adapters if a.module.endswith(p))}/2"
-                    for p in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        + ", ".join(
+            f"{p} {sum(a.kept for a in trainer.weight_lora.adapters if a.module.endswith(p))}/2"
+            for p in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        )
     ]
 
 
@@ -279,3 +291,19 @@ def test_custom_loop_mistakes_fail_at_the_first_step_with_what_to_pass():
         optimizer.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)  # nothing moved
     torch.optim.AdamW(weight_lora.trainable_parameters(), lr=1e-2).step()  # the right optimizer steps
+
+
+def test_the_mixin_makes_any_trainer_a_weight_lora_trainer(tmp_path):
+    """WeightLoraMixin is cooperative: placed before any Trainer subclass that gets a WeightLoRA PeftModel, it sets
+    up the selection after the trainer's own __init__ and the run goes through the switch."""
+    from wlora_trl import WeightLoraMixin
+
+    class MyTrainer(WeightLoraMixin, Trainer):
+        pass
+
+    model = get_peft_model(tiny_llama(), WeightLoraConfig(r=R, target_modules="all-linear", selection_steps=T))
+    trainer = MyTrainer(model=model, args=cpu_args(tmp_path, max_steps=6), train_dataset=addition_lm_dataset())
+    trainer.train()
+    assert trainer.weight_lora.switched and len(_lora_layers(trainer.model)) == trainer.weight_lora.k
+    with pytest.raises(ValueError, match="pass peft_config=WeightLoraConfig"):
+        MyTrainer(model=tiny_llama(), args=cpu_args(tmp_path), train_dataset=addition_lm_dataset())

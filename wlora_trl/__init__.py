@@ -5,22 +5,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Imported on first use (PEP 562): `wlora-trl --help` and the lm-eval path must not pay for TRL and the trainers.
 _EXPORTS = {
     "CITATION": ".config",
     "WeightLoraConfig": ".config",
+    "WeightLoraMixin": ".trainer",
     "WeightLoraModel": ".model",
     "WeightLoraSFTTrainer": ".trainer",
     "WeightLoraTrainer": ".trainer",
 }
-__all__ = list(_EXPORTS)
+__all__ = [
+    "CITATION",
+    "WeightLoraConfig",
+    "WeightLoraMixin",
+    "WeightLoraModel",
+    "WeightLoraSFTTrainer",
+    "WeightLoraTrainer",
+]
 
 if TYPE_CHECKING:
     from .config import CITATION, WeightLoraConfig
     from .model import WeightLoraModel
-    from .trainer import WeightLoraSFTTrainer, WeightLoraTrainer
+    from .trainer import WeightLoraMixin, WeightLoraSFTTrainer, WeightLoraTrainer
 
 
 def __getattr__(name: str):

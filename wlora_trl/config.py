@@ -43,10 +43,34 @@ def _is_number(value: object) -> bool:
 
 @dataclass
 class WeightLoraConfig(LoraConfig):
-    """LoRA config for WeightLoRA / WeightLoRA+; every `LoraConfig` field keeps its meaning.
+    """LoRA config for WeightLoRA / WeightLoRA+ ([arXiv:2506.02724](https://arxiv.org/abs/2506.02724)); every
+    `LoraConfig` field keeps its meaning, and `get_peft_model` / TRL's `peft_config=` take it unchanged.
 
-    Defaults follow the paper: K = n/2 adapters kept, T = 0.5% of the optimizer steps (at least
-    `MIN_SELECTION_STEPS`). The adapter that `save_model` exports afterwards is a stock PEFT LoRA adapter.
+    Args:
+        k (`int | float`, defaults to `0.5`): K, the adapters kept at the switch: an int is a count, a float in
+            (0, 1] a fraction of the n adapters, rounded down. WeightLoRA+ requires n/2.
+        selection_steps (`int | float`, defaults to `0.005`): T, the optimizer steps of the warm-up (the switch
+            opens step T+1): an int is a count (>= 2), a float in (0, 1) a fraction of `max_steps`, rounded up, at
+            least `MIN_SELECTION_STEPS` (5).
+        omega_lr (`float`, defaults to `100.0`): step size of the SGD step on omega; not scheduled, not clipped.
+        plus (`bool`, defaults to `False`): WeightLoRA+: keep n/2 adapters at rank 2r (alpha doubled, so alpha/r
+            is unchanged), LoRA's parameter budget.
+        reinit (`bool`, defaults to `True`): re-initialise kept adapters at the switch (the paper); False keeps
+            their weights and folds omega into B, so the switch does not change the model's function.
+        selection (`"stoiht" | "random"`, defaults to `"stoiht"`): the paper's method, or K random adapters kept
+            after T steps without omega (the paper's RLoRA ablation).
+
+    Raises `ValueError` for values outside those ranges and for LoRA features the switch cannot rebuild (DoRA and
+    the other variants, `lora_bias`, `target_parameters`, inits other than PEFT's default and `"gaussian"`), each
+    message saying what to change. The exported adapter is a stock `LoraConfig`.
+
+    Example:
+        ```python
+        from wlora_trl import WeightLoraConfig
+
+        config = WeightLoraConfig(r=8, lora_alpha=16, target_modules="all-linear")               # WeightLoRA
+        config_plus = WeightLoraConfig(r=8, lora_alpha=16, target_modules="all-linear", plus=True)  # WeightLoRA+
+        ```
     """
 
     k: int | float = field(

@@ -25,21 +25,29 @@ from .config import WeightLoraConfig
 WARMUP_STATE_FILE = "weight_lora_warmup_adapter.safetensors"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_CONFIG = "adapter_config.json"
-WEIGHT_LORA_FIELDS = {f.name for f in dataclasses.fields(WeightLoraConfig)} - {f.name for f in dataclasses.fields(LoraConfig)}
+WEIGHT_LORA_FIELDS = {f.name for f in dataclasses.fields(WeightLoraConfig)} - {
+    f.name for f in dataclasses.fields(LoraConfig)
+}
 
 
 def export_warmup_adapter(directory: str | os.PathLike, weight_lora) -> None:
     """Make the PEFT adapter just saved in `directory` (during the warm-up) a stock adapter of the current model."""
     model, adapter_name = weight_lora.model, weight_lora.adapter_name
-    raw = {key: value.detach().cpu().contiguous()
-           for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    raw = {
+        key: value.detach().cpu().contiguous()
+        for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
+    }
     save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
 
     omega = weight_lora.omega
     if omega is not None:
         factors = dict(zip(weight_lora.module_names, omega.detach().cpu().tolist()))
         weights_path = next(
-            (os.path.join(directory, name) for name in ADAPTER_WEIGHTS if os.path.isfile(os.path.join(directory, name))),
+            (
+                os.path.join(directory, name)
+                for name in ADAPTER_WEIGHTS
+                if os.path.isfile(os.path.join(directory, name))
+            ),
             None,
         )
         if weights_path is None:
@@ -62,8 +70,12 @@ def export_warmup_adapter(directory: str | os.PathLike, weight_lora) -> None:
     for field in WEIGHT_LORA_FIELDS:
         config.pop(field, None)
     # Exact module names, as after the switch: PEFT would otherwise re-resolve "all-linear" or suffixes on reload.
-    config.update(target_modules=list(weight_lora.module_names), exclude_modules=None, layers_to_transform=None,
-                  layers_pattern=None)
+    config.update(
+        target_modules=list(weight_lora.module_names),
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
@@ -75,8 +87,9 @@ def restore_warmup_weights(directory: str | os.PathLike, weight_lora) -> bool:
         return False
     state = load_file(path)
     device = next(weight_lora.model.parameters()).device
-    result = set_peft_model_state_dict(weight_lora.model, {k: v.to(device) for k, v in state.items()},
-                                       adapter_name=weight_lora.adapter_name)
+    result = set_peft_model_state_dict(
+        weight_lora.model, {k: v.to(device) for k, v in state.items()}, adapter_name=weight_lora.adapter_name
+    )
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{path} holds weights this model does not have: {unexpected[:3]}")

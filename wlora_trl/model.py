@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import random
 import weakref
-from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
@@ -33,8 +32,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import WeightLoraConfig
-from .report import switch_summary
 from .selection import OUTCOMES, SKIPPED_NONFINITE, SKIPPED_WITH_OPTIMIZER, STEP_TAKEN, OmegaGates, stoiht_step
+from .state import AdapterRecord, SelectionReport, switch_summary
 from .surgery import (
     adapter_parameters,
     alpha_for_rank,
@@ -98,7 +97,7 @@ class _OmegaOptimizerGuard:
     step, before it updates anything (Adam on omega would normalise away the magnitudes the ranking relies on, and
     the optimizer would keep omega after the switch). Each optimizer is checked once."""
 
-    def __init__(self, weight_lora: "WeightLoraModel") -> None:
+    def __init__(self, weight_lora: WeightLoraModel) -> None:
         self._weight_lora = weakref.ref(weight_lora)
         self._checked: weakref.WeakSet = weakref.WeakSet()
         self._handle = register_optimizer_step_pre_hook(self)
@@ -125,16 +124,6 @@ def _few(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    """One adapter's fate: its module, final omega (None without omega), whether kept, rank after the switch."""
-
-    module: str
-    omega: float | None
-    kept: bool
-    rank: int
-
-
 class WeightLoraModel:
     """Owns WeightLoRA's state for a `PeftModel` whose single adapter was made from a `WeightLoraConfig`.
 
@@ -159,7 +148,7 @@ class WeightLoraModel:
                 f"The model has {len(model.peft_config)} adapters ({sorted(model.peft_config)}); WeightLoRA selects "
                 "within a single adapter. Delete the others (model.delete_adapter(name)) before training."
             )
-        (self.adapter_name, config), = model.peft_config.items()
+        ((self.adapter_name, config),) = model.peft_config.items()
         if not isinstance(config, WeightLoraConfig):
             raise TypeError(
                 f"The adapter {self.adapter_name!r} was made from {type(config).__name__}; use "
@@ -179,7 +168,7 @@ class WeightLoraModel:
         self.k = config.resolve_k(self.num_adapters)
         self.selection_steps: int | None = None
         self.switched = False
-        self.adapters: list[AdapterInfo] | None = None  # filled by the switch
+        self.adapters: list[AdapterRecord] | None = None  # filled by the switch
         self.gates: OmegaGates | None = None
         self._outcome_counts: torch.Tensor | None = None  # per outcome code of the StoIHT step, on omega's device
         self._restored_counts = [0] * len(OUTCOMES)  # from a checkpoint
@@ -204,7 +193,9 @@ class WeightLoraModel:
         if self.gates is None or self.switched:
             raise RuntimeError("WeightLoRA: there is no omega to set (random selection, or after the switch).")
         if tuple(values.shape) != (self.num_adapters,):
-            raise ValueError(f"omega has {self.num_adapters} entries, one per adapter; got shape {tuple(values.shape)}.")
+            raise ValueError(
+                f"omega has {self.num_adapters} entries, one per adapter; got shape {tuple(values.shape)}."
+            )
         self.gates.assign(values)
 
     def omega_parameters(self) -> list[nn.Parameter]:
@@ -290,7 +281,7 @@ class WeightLoraModel:
         seed: int = 0,
         kept: list[int] | None = None,
         announce: bool = True,
-    ) -> list[AdapterInfo]:
+    ) -> list[AdapterRecord]:
         """Freeze the selection and turn the model into plain LoRA on the kept adapters.
 
         Dropped adapters become base layers; kept ones are re-initialised (or keep their weights with omega
@@ -327,7 +318,7 @@ class WeightLoraModel:
                 if index not in kept_set:
                     drop_adapter(self.base, name)
                     replacements.update({id(p): [] for p in old_params})
-                    infos.append(AdapterInfo(name, omega[index], kept=False, rank=0))
+                    infos.append(AdapterRecord(index, name, omega[index], kept=False, rank=0))
                     continue
                 old_rank = layer.r[self.adapter_name]
                 rank = 2 * old_rank if cfg.plus else old_rank
@@ -344,7 +335,7 @@ class WeightLoraModel:
                 for old, new in zip(old_params, adapter_parameters(layer, self.adapter_name)):
                     replacements[id(old)] = [new]
                 ranks[name], alphas[name] = rank, alpha
-                infos.append(AdapterInfo(name, omega[index], kept=True, rank=rank))
+                infos.append(AdapterRecord(index, name, omega[index], kept=True, rank=rank))
 
         self.model.peft_config[self.adapter_name] = stock_lora_config(cfg, list(ranks), ranks, alphas)
         setattr(self.model, SWITCHED_MARK, True)
@@ -372,55 +363,44 @@ class WeightLoraModel:
 
     # --- state for checkpoints and reports -------------------------------------------------------------------
 
-    def report(self, step: int | None = None) -> dict:
-        """Everything about the selection as plain JSON-able data (written as `selection.json`).
-
-        omega values are fp32 numbers written as Python floats, which round-trip exactly.
-        """
+    def report(self, step: int | None = None) -> SelectionReport:
+        """Everything about the selection (written as `selection.json`); omega as Python floats, which round-trip
+        fp32 exactly."""
         if self.switched:
             adapters = self.adapters
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
             adapters = [
-                AdapterInfo(name, omega[i], kept=False, rank=self.base.get_submodule(name).r[self.adapter_name])
+                AdapterRecord(i, name, omega[i], kept=False, rank=self.base.get_submodule(name).r[self.adapter_name])
                 for i, name in enumerate(self.module_names)
             ]
         cfg = self.config
-        return {
-            "method": "random" if cfg.selection == "random" else ("WeightLoRA+" if cfg.plus else "WeightLoRA"),
-            "adapter_name": self.adapter_name,
-            "n": self.num_adapters,
-            "k": self.k,
-            "selection_steps": self.selection_steps,
-            "switched": self.switched,
-            "switch_step": self.selection_steps + 1 if self.switched else None,  # the switch opens step T+1
-            "step": step,
-            "omega_lr": cfg.omega_lr,
-            "omega_steps": dict(self.omega_steps),
-            "reinit": cfg.reinit,
-            "adapters": [
-                {"index": i, "module": a.module, "omega": a.omega, "kept": a.kept, "rank": a.rank}
-                for i, a in enumerate(adapters)
-            ],
-        }
+        return SelectionReport(
+            method="random" if cfg.selection == "random" else ("WeightLoRA+" if cfg.plus else "WeightLoRA"),
+            adapter_name=self.adapter_name,
+            n=self.num_adapters,
+            k=self.k,
+            selection_steps=self.selection_steps,
+            switched=self.switched,
+            switch_step=self.selection_steps + 1 if self.switched else None,  # the switch opens step T+1
+            step=step,
+            omega_lr=cfg.omega_lr,
+            reinit=cfg.reinit,
+            adapters=tuple(adapters),
+            omega_steps=dict(self.omega_steps),
+        )
 
-    def restore(self, report: dict) -> None:
+    def restore(self, report: SelectionReport) -> None:
         """Return to the state a `report()` describes (resuming a checkpoint), before its weights are loaded."""
-        names = [a["module"] for a in report["adapters"]]
-        if names != self.module_names or report["k"] != self.k:
+        if [a.module for a in report.adapters] != self.module_names or report.k != self.k:
             raise ValueError(
                 "The checkpoint's selection.json describes other adapters (modules or K differ) than this model "
                 "and config; resume with the same model, target_modules and k."
             )
-        self.selection_steps = report["selection_steps"]
-        restored = report.get("omega_steps", {})
-        self._restored_counts = [int(restored.get(name, 0)) for name in OUTCOMES]
-        if report["switched"]:
-            kept = [a["index"] for a in report["adapters"] if a["kept"]]
-            self.switch(kept=kept, announce=False)
-            # The switch recorded the omega of this fresh model; keep the checkpoint's record instead.
-            self.adapters = [
-                AdapterInfo(a["module"], a["omega"], a["kept"], a["rank"]) for a in report["adapters"]
-            ]
+        self.selection_steps = report.selection_steps
+        self._restored_counts = [int(report.omega_steps.get(name, 0)) for name in OUTCOMES]
+        if report.switched:
+            self.switch(kept=[a.index for a in report.adapters if a.kept], announce=False)
+            self.adapters = list(report.adapters)  # the checkpoint's record, not this fresh model's omega
         elif self.gates is not None:
-            self.gates.assign(torch.tensor([a["omega"] for a in report["adapters"]], dtype=torch.float32))
+            self.gates.assign(torch.tensor([a.omega for a in report.adapters], dtype=torch.float32))

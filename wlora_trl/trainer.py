@@ -22,22 +22,20 @@ other variants), `load_best_model_at_end` refused (checkpoints on either side of
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedDataParallelKwargs
 from peft import PeftConfig, PeftModel, get_peft_model
-from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 from trl import SFTTrainer
 
-from .config import WeightLoraConfig
+from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
+from .config import CITATION, WeightLoraConfig
+from .distributed import check_ranks_agree, ddp_inside, rewrap_ddp
 from .export import export_warmup_adapter, restore_warmup_weights
 from .model import WeightLoraModel
-from .report import read_selection, write_selection
+from .state import read_selection, write_selection
 from .surgery import innermost_optimizer
 
 
@@ -78,9 +76,22 @@ def _check_training_args(args: Any) -> None:
 
 
 class WeightLoraMixin:
-    """Adds WeightLoRA to a `transformers.Trainer` subclass. Call `_setup_weight_lora()` at the end of `__init__`."""
+    """Adds WeightLoRA to any `transformers.Trainer` subclass whose model is, or is made into, a PeftModel from a
+    `WeightLoraConfig`: `class WeightLoraDPOTrainer(WeightLoraMixin, DPOTrainer): pass` for a TRL trainer that
+    takes `peft_config=`. Cooperative: it checks the arguments, lets the trainer build everything, then attaches
+    `self.weight_lora` (a `WeightLoraModel`). It overrides `create_optimizer` (omega stays out), `training_step`
+    (the switch, omega's gradient), `save_model` / `_load_from_checkpoint` (selection.json, warm-up saves),
+    `train` and `log`.
+    """
 
     weight_lora: WeightLoraModel
+
+    def __init__(self, *args, **kwargs):
+        _check_training_args(kwargs.get("args", args[1] if len(args) > 1 else None))
+        if kwargs.get("model_init") is None:
+            _check_peft_config(kwargs.get("peft_config"), kwargs.get("model", args[0] if args else None))
+        super().__init__(*args, **kwargs)
+        self._setup_weight_lora()
 
     def _setup_weight_lora(self) -> None:
         args = self.args
@@ -162,7 +173,7 @@ class WeightLoraMixin:
             # After a DDP re-wrap the loop still hands us the old wrapper (a local variable of the epoch loop),
             # and its `no_sync` context, which no longer applies: forward through the new one, with its own.
             model = self.model_wrapped
-            if not self.accelerator.sync_gradients and not self._sync_each_batch():
+            if not self.accelerator.sync_gradients and not sync_each_batch(self.accelerator):
                 with self.accelerator.no_sync(model):
                     return super().training_step(model, inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -172,28 +183,22 @@ class WeightLoraMixin:
             self._omega_grad = self._unscale(weight_lora.take_omega_grad())
         return loss
 
-    def _sync_each_batch(self) -> bool:
-        return bool(self.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False))
-
     def _unscale(self, grad: torch.Tensor | None) -> torch.Tensor | None:
         scaler = getattr(self.accelerator, "scaler", None)
         if grad is None or scaler is None or not scaler.is_enabled():
             return grad
-        # The scale as a device tensor where torch exposes it: `get_scale()` returns a float, a GPU sync per step.
-        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
-        return grad.float() / (scale if scale is not None else scaler.get_scale())
+        return grad.float() / loss_scale(scaler)  # a device tensor: no GPU sync per step
 
     def _switch(self) -> None:
         if self._omega_hook is not None:
             self._omega_hook.remove()
             self._omega_hook = None
         self._omega_grad = None
-        ddp = _ddp_inside(self.model_wrapped)
         if self.accelerator.num_processes > 1:
-            check_ranks_agree(self.weight_lora)
+            check_ranks_agree(self.weight_lora.omega)
         self.weight_lora.switch(self.optimizer, seed=self.args.seed, announce=False)
-        if ddp is not None:
-            self.model_wrapped = self._rewrap_ddp(ddp)
+        if ddp_inside(self.model_wrapped) is not None:
+            self.model_wrapped = rewrap_ddp(self.accelerator, self.model, self.model_wrapped)
         # At the default log level, on the main process only: the one event of the run a user must not miss.
         self.accelerator.print(f"WeightLoRA switch at step {self.state.global_step + 1}: {self.weight_lora.summary()}")
         self._weight_lora_logs = {
@@ -201,41 +206,6 @@ class WeightLoraMixin:
             "weight_lora/total_adapters": self.weight_lora.num_adapters,
             **{f"weight_lora/omega_steps_{outcome}": count for outcome, count in self.weight_lora.omega_steps.items()},
         }
-
-    def _rewrap_ddp(self, old: DistributedDataParallel) -> torch.nn.Module:
-        """Wrap the rebuilt model in a new DDP: the old one would never all-reduce the re-created adapters.
-
-        - The new wrapper keeps the old one's `find_unused_parameters` (the user's setting, or the Trainer's default
-          for a PEFT model): a kept adapter may still be unused in some steps (conditional compute).
-        - It skips DDP's initial broadcast of every parameter (for an 8B base, 16 GB of frozen weights): the
-          re-created adapters are the same on every rank already (seeded re-initialisation, checked by
-          `check_ranks_agree` just before).
-        - The old wrapper is emptied of everything that holds the old adapters (its reducer, gradient buckets and
-          parameter lists): the epoch loop keeps it in a local variable until `train()` returns, and only calls
-          `.parameters()`, `.zero_grad()` and `no_sync()` on it, which reach the same PeftModel.
-        - Under `torch_compile` accelerate compiles the new wrapper too.
-        """
-        accelerator, wrapped = self.accelerator, self.model_wrapped
-        accelerator._models = [m for m in accelerator._models if m is not wrapped and m is not old]
-        handler = accelerator.ddp_handler
-        created = handler is None
-        if created:
-            handler = accelerator.ddp_handler = DistributedDataParallelKwargs()
-        previous = handler.find_unused_parameters
-        handler.find_unused_parameters = old.find_unused_parameters
-        try:
-            with _ddp_without_initial_broadcast():
-                new = accelerator.prepare_model(self.model)
-        finally:
-            handler.find_unused_parameters = previous
-            if created:
-                accelerator.ddp_handler = None
-        _release_ddp(old)
-        if wrapped is not old:
-            # torch.compile's caches hold the old graph, and through its guards the old adapters; the new wrapper
-            # has another structure and is compiled afresh anyway.
-            torch._dynamo.reset()
-        return new
 
     # --- guard rails for multi-process runs ----------------------------------------------------------------------
 
@@ -246,19 +216,11 @@ class WeightLoraMixin:
     def _undo_evaluation_prepare(self) -> None:
         """`evaluate()` before `train()` prepares the bare model in evaluation mode, which marks it as prepared:
         `train()` would then get it back unwrapped, and every rank would train alone. Forget that preparation."""
-        model = self.model
-        if self.accelerator.num_processes <= 1 or self.model_wrapped is not model:
-            return
-        if not getattr(model, "_is_accelerate_prepared", False):
-            return
-        del model._is_accelerate_prepared
-        original_forward = model.__dict__.pop("_original_forward", None)  # accelerate's mixed-precision patch
-        if original_forward is not None:
-            model.__dict__.pop("forward", None)
-        self.accelerator._models = [m for m in self.accelerator._models if m is not model]
+        if self.accelerator.num_processes > 1 and self.model_wrapped is self.model:
+            undo_evaluation_prepare(self.accelerator, self.model)
 
     def _check_data_parallel_wrapper(self) -> None:
-        if self.accelerator.num_processes > 1 and _ddp_inside(self.model_wrapped) is None:
+        if self.accelerator.num_processes > 1 and ddp_inside(self.model_wrapped) is None:
             raise RuntimeError(
                 f"WeightLoRA: {self.accelerator.num_processes} processes are training, but the model is not wrapped "
                 f"in DistributedDataParallel (it is a {type(self.model_wrapped).__name__}), so each rank would select "
@@ -296,87 +258,58 @@ class WeightLoraMixin:
             restore_warmup_weights(resume_from_checkpoint, self.weight_lora)
 
 
-def _ddp_inside(model: torch.nn.Module) -> DistributedDataParallel | None:
-    """The DDP wrapper of a prepared model, also under torch.compile (an OptimizedModule around the DDP)."""
-    model = getattr(model, "_orig_mod", model)
-    return model if isinstance(model, DistributedDataParallel) else None
+_REFUSALS = """
+    Raises (at construction, before any training; every message says what to change):
+        TypeError: `peft_config` is not a `WeightLoraConfig` (a plain `LoraConfig`, another PEFT method), or the
+            model's adapter was not made from one.
+        ValueError: no LoRA adapters (neither `peft_config` nor a PeftModel); several adapters; LoRA on parameters
+            (`target_parameters`, e.g. mixture-of-experts experts with `all-linear`), on embeddings
+            (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or K > n; T >= `max_steps`;
+            FSDP or DeepSpeed; `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a
+            model that went through the switch already. (LoRA variants, `lora_bias`, unsupported inits, and
+            `plus=True` with a K other than n/2 are refused by `WeightLoraConfig` itself.)
 
-
-@contextlib.contextmanager
-def _ddp_without_initial_broadcast():
-    """accelerate builds its DDP as `torch.nn.parallel.DistributedDataParallel(...)`, looked up at call time; for
-    the re-wrap, build a plain DDP with `init_sync=False` (no broadcast of the frozen base), whatever else accelerate
-    passes. (accelerate's `prepare_model` only calls that name, never tests isinstance against it.)"""
-    original = torch.nn.parallel.DistributedDataParallel
-
-    def without_initial_broadcast(*args, **kwargs):
-        return original(*args, **{"init_sync": False, **kwargs})
-
-    torch.nn.parallel.DistributedDataParallel = without_initial_broadcast
-    try:
-        yield
-    finally:
-        torch.nn.parallel.DistributedDataParallel = original
-
-
-def _release_ddp(ddp: DistributedDataParallel) -> None:
-    """Drop what a replaced DDP wrapper holds of the old parameters: autograd hooks on their gradient accumulators,
-    parameter lists, and the reducer with its gradient buckets. `.module` (the live model) stays."""
-    for handle in getattr(ddp, "_accum_grad_hooks", []):
-        handle.remove()
-    for attribute in ("_accum_grad_hooks", "_module_parameters", "_delay_all_reduce_params", "_delay_grad_views"):
-        if isinstance(getattr(ddp, attribute, None), list):
-            setattr(ddp, attribute, [])
-    for attribute in ("reducer", "logger"):
-        if hasattr(ddp, attribute):
-            setattr(ddp, attribute, None)
-
-
-def check_ranks_agree(weight_lora: WeightLoraModel) -> None:
-    """Raise unless every process holds the same omega (hence the same kept set): one small all-gather."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    omega = weight_lora.omega
-    if omega is None:
-        return
-    backend = torch.distributed.get_backend()
-    device = omega.device if backend != "gloo" else torch.device("cpu")
-    mine = omega.detach().to(device)
-    gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, mine)
-    differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
-    if differing:
-        raise RuntimeError(
-            f"WeightLoRA: at the switch, ranks {differing} hold another omega than rank 0, so they would keep other "
-            "adapters. The ranks have been training without synchronised gradients (the model was not wrapped in "
-            "DistributedDataParallel for part of the run)."
-        )
+    Raises (during training):
+        RuntimeError: several processes but the model is not wrapped in DDP (first step), or ranks that hold
+            different omega at the switch.
+"""
 
 
 class WeightLoraTrainer(WeightLoraMixin, Trainer):
-    """`transformers.Trainer` with WeightLoRA, for any task (e.g. sequence classification with an encoder).
+    __doc__ = (
+        """`transformers.Trainer` with WeightLoRA, for any task (e.g. sequence classification with an encoder).
 
-    Pass a model wrapped with `get_peft_model(model, WeightLoraConfig(...))`, or a plain model and
-    `peft_config=WeightLoraConfig(...)`. Modules in `modules_to_save` (a classifier head) train normally and are
-    not subject to selection.
+    Pass a plain model and `peft_config=WeightLoraConfig(...)`, or a model wrapped with `get_peft_model(model,
+    WeightLoraConfig(...))`, or `model_init=` with `peft_config=` (each fresh model gets its own selection). Modules
+    in `modules_to_save` (a classifier head) train normally and are not subject to selection.
+
+    Example:
+        ```python
+        from wlora_trl import WeightLoraConfig, WeightLoraTrainer
+
+        config = WeightLoraConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+        trainer = WeightLoraTrainer(model, training_args, train_dataset=dataset, peft_config=config)
+        trainer.train()            # warm-up, the switch at step T+1 (one console line), plain LoRA after
+        trainer.save_model(out)    # a stock PEFT LoRA adapter + selection.json
+        ```
     """
+        + _REFUSALS
+    )
 
     def __init__(self, model=None, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
         self._peft_config_for_model_init = None
         if model is None and kwargs.get("model_init") is not None:
             # model_init (hyperparameter search): every fresh model is wrapped and gets its own selection, in
             # call_model_init; it must return a plain model with peft_config, or a WeightLoRA PeftModel without.
-            _check_training_args(args)
             self._peft_config_for_model_init = peft_config
         else:
             _check_peft_config(peft_config, model)
-            _check_training_args(args)
             if peft_config is not None:
                 if isinstance(model, PeftModel):
                     raise ValueError("Pass either a PeftModel or peft_config, not both.")
+                _check_training_args(args)  # before get_peft_model spends time wrapping
                 model = get_peft_model(model, peft_config)
         super().__init__(model, args, *trainer_args, **kwargs)
-        self._setup_weight_lora()
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
@@ -393,10 +326,25 @@ class WeightLoraTrainer(WeightLoraMixin, Trainer):
 
 
 class WeightLoraSFTTrainer(WeightLoraMixin, SFTTrainer):
-    """`trl.SFTTrainer` with WeightLoRA: pass `peft_config=WeightLoraConfig(...)` where you passed a LoraConfig."""
+    __doc__ = (
+        """`trl.SFTTrainer` with WeightLoRA: pass `peft_config=WeightLoraConfig(...)` where you passed a `LoraConfig`.
 
-    def __init__(self, model, args=None, *trainer_args, peft_config: WeightLoraConfig | None = None, **kwargs):
-        _check_peft_config(peft_config, model)
-        _check_training_args(args)
-        super().__init__(model, args, *trainer_args, peft_config=peft_config, **kwargs)
-        self._setup_weight_lora()
+    Example:
+        ```python
+        from trl import SFTConfig
+        from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer
+
+        peft_config = WeightLoraConfig(r=8, lora_alpha=16, target_modules="all-linear")  # K = n/2, T = 0.5%
+        trainer = WeightLoraSFTTrainer(model="Qwen/Qwen3-0.6B", args=SFTConfig("out", max_steps=1000),
+                                       train_dataset=dataset, peft_config=peft_config)
+        trainer.train()
+        trainer.save_model("out")  # a stock PEFT LoRA adapter + selection.json
+        ```
+    """
+        + _REFUSALS
+    )
+
+    # What TRL's model card (written with every checkpoint) says about the run.
+    _tag_names = ["trl", "sft", "weight-lora"]
+    _name = "WeightLoRA SFT"
+    _paper = {"title": "WeightLoRA: Keep Only Necessary Adapters", "id": "2506.02724", "citation": CITATION}

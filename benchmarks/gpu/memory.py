@@ -57,17 +57,31 @@ def measure(method: str, args) -> dict:
         torch.cuda.synchronize()
     base_bytes = torch.cuda.memory_allocated() if cuda else None
     training_args = TrainingArguments(
-        str(Path(args.work_dir) / method), max_steps=args.max_steps, per_device_train_batch_size=args.batch,
-        learning_rate=1e-4, logging_steps=1, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
-        bf16=args.dtype == "bfloat16", use_cpu=not cuda, dataloader_num_workers=0,
+        str(Path(args.work_dir) / method),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=1e-4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        bf16=args.dtype == "bfloat16",
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
     )
     data = RandomTokens(args.batch * args.max_steps, args.seq, base.config.vocab_size)
     if method == "lora":
         model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS))
         trainer = Trainer(model, training_args, train_dataset=data)
     else:
-        cfg = WeightLoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS, selection_steps=args.T,
-                               plus=method == "weightlora_plus")
+        cfg = WeightLoraConfig(
+            r=args.r,
+            lora_alpha=2 * args.r,
+            target_modules=TARGETS,
+            selection_steps=args.T,
+            plus=method == "weightlora_plus",
+        )
         trainer = WeightLoraTrainer(base, training_args, train_dataset=data, peft_config=cfg)
 
     steps: list[dict] = []
@@ -81,11 +95,13 @@ def measure(method: str, args) -> dict:
         def on_step_end(self, *a, **kw):
             if cuda:
                 torch.cuda.synchronize()
-            steps.append({
-                "peak": torch.cuda.max_memory_allocated() if cuda else None,
-                "allocated": torch.cuda.memory_allocated() if cuda else None,
-                "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            })
+            steps.append(
+                {
+                    "peak": torch.cuda.max_memory_allocated() if cuda else None,
+                    "allocated": torch.cuda.memory_allocated() if cuda else None,
+                    "trainable": sum(p.numel() for p in kw["model"].parameters() if p.requires_grad),
+                }
+            )
 
     trainer.add_callback(PerStep())
     trainer.train()
@@ -93,10 +109,16 @@ def measure(method: str, args) -> dict:
     result = {
         "base_weights_bytes": base_bytes,
         "steps": steps,
-        "warmup": {"peak": _max(warmup, "peak"), "allocated_at_end": warmup[-1]["allocated"],
-                   "trainable": warmup[-1]["trainable"]},
-        "after_switch": {"peak": _max(after, "peak"), "allocated_at_end": after[-1]["allocated"],
-                         "trainable": after[-1]["trainable"]},
+        "warmup": {
+            "peak": _max(warmup, "peak"),
+            "allocated_at_end": warmup[-1]["allocated"],
+            "trainable": warmup[-1]["trainable"],
+        },
+        "after_switch": {
+            "peak": _max(after, "peak"),
+            "allocated_at_end": after[-1]["allocated"],
+            "trainable": after[-1]["trainable"],
+        },
     }
     if method != "lora":
         result["kept"] = trainer.weight_lora.k
@@ -155,8 +177,10 @@ def main() -> None:
     mib = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
     print(f"{'method':<17}{'warm-up peak':>14}{'after peak':>12}{'warm-up held':>14}{'after held':>12}  (MiB)")
     for method, r in results.items():
-        print(f"{method:<17}{mib(r['warmup']['peak']):>14}{mib(r['after_switch']['peak']):>12}"
-              f"{mib(r['warmup']['allocated_at_end']):>14}{mib(r['after_switch']['allocated_at_end']):>12}")
+        print(
+            f"{method:<17}{mib(r['warmup']['peak']):>14}{mib(r['after_switch']['peak']):>12}"
+            f"{mib(r['warmup']['allocated_at_end']):>14}{mib(r['after_switch']['allocated_at_end']):>12}"
+        )
     for check, ok in result["checks"].items():
         print(f"{'PASS' if ok else 'FAIL'}  {check}")
     print(f"wrote {args.output}")

@@ -88,7 +88,9 @@ def environment(dry_run: bool) -> dict:
             "capability": ".".join(map(str, torch.cuda.get_device_capability())),
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-        } if cuda else None,
+        }
+        if cuda
+        else None,
         "versions": versions,
     }
 
@@ -96,8 +98,13 @@ def environment(dry_run: bool) -> dict:
 def source_sha256() -> str:
     """sha256 over the code the kit exercises (the package, the benchmarks, the GPU tests), path and bytes."""
     digest = hashlib.sha256()
-    files = [*REPO.glob("wlora_trl/**/*.py"), *REPO.glob("benchmarks/**/*.py"), *REPO.glob("tests/gpu/*.py"),
-             REPO / "tests" / "conftest.py"]
+    files = [
+        *REPO.glob("wlora_trl/**/*.py"),
+        *REPO.glob("benchmarks/**/*.py"),
+        *REPO.glob("tests/gpu/*.py"),
+        REPO / "tests" / "conftest.py",
+        REPO / "tests" / "testing_utils.py",
+    ]
     for path in sorted(files):
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -111,8 +118,15 @@ def run_step(name: str, command: list[str], log: Path, env: dict | None = None) 
         out.write(f"\n=== {name}: {' '.join(command)}\n")
         out.flush()
         try:
-            process = subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, timeout=STEP_LIMITS[name])
+            process = subprocess.run(
+                command,
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=STEP_LIMITS[name],
+            )
             output, returncode = process.stdout, process.returncode
         except subprocess.TimeoutExpired as error:
             output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
@@ -134,8 +148,9 @@ def read_junit(path: Path) -> list[dict]:
             if element is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 message = (element.get("message") or "")[:500]
-        tests.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
-                      "message": message})
+        tests.append(
+            {"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)), "message": message}
+        )
     return tests
 
 
@@ -180,15 +195,34 @@ def main() -> int:
         env = {"WLORA_GPU_KIT_DRY_RUN": "1"} if args.dry_run else {}
         timeout = [f"--timeout={TEST_LIMIT}"] if importlib.util.find_spec("pytest_timeout") else []
         summary["steps"]["tests"] = run_step(
-            "tests", [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "gpu", "-p", "no:cacheprovider", "-W",
-                      "ignore", *timeout, f"--junitxml={junit}", "tests/gpu"], log, env)
+            "tests",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-rfE",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "-W",
+                "ignore",
+                *timeout,
+                f"--junitxml={junit}",
+                "tests/gpu",
+            ],
+            log,
+            env,
+        )
         summary["tests"] = read_junit(junit)
 
     if "memory" in steps:
         memory_json = out / f"memory_{slug}.json"
         flags = ["--dry-run"] if args.dry_run else []
         summary["steps"]["memory"] = run_step(
-            "memory", [sys.executable, "benchmarks/gpu/memory.py", "--output", str(memory_json), *flags], log)
+            "memory", [sys.executable, "benchmarks/gpu/memory.py", "--output", str(memory_json), *flags], log
+        )
         summary["memory"] = json.loads(memory_json.read_text()) if memory_json.exists() else None
 
     if "speed" in steps:
@@ -197,8 +231,10 @@ def main() -> int:
             speed_json = out / f"speed_{name}_{slug}_{dtype}.json"
             flags = dry_flags if args.dry_run else gpu_flags
             summary["steps"][f"speed:{name}"] = run_step(
-                f"speed:{name}", [sys.executable, "benchmarks/speed.py", *flags, *dtype_flags,
-                                  "--output", str(speed_json)], log)
+                f"speed:{name}",
+                [sys.executable, "benchmarks/speed.py", *flags, *dtype_flags, "--output", str(speed_json)],
+                log,
+            )
             summary["speed"][name] = speed_summary(speed_json)
 
     summary["checks"] = collect_checks(summary)
@@ -245,40 +281,58 @@ def render_table(summary: dict) -> str:
     tests = summary.get("tests") or []
     if tests:
         counts = {o: sum(t["outcome"] == o for t in tests) for o in ("passed", "failed", "error", "skipped")}
-        lines += [f"Tests (`pytest -m gpu tests/gpu`): {counts['passed']} passed, {counts['failed']} failed, "
-                  f"{counts['error']} errors, {counts['skipped']} skipped.", "",
-                  "| test | outcome | seconds |", "|---|---|---:|"]
+        lines += [
+            f"Tests (`pytest -m gpu tests/gpu`): {counts['passed']} passed, {counts['failed']} failed, "
+            f"{counts['error']} errors, {counts['skipped']} skipped.",
+            "",
+            "| test | outcome | seconds |",
+            "|---|---|---:|",
+        ]
         lines += [f"| {t['name']} | {t['outcome']} | {t['seconds']:.1f} |" for t in tests]
         lines.append("")
     speeds = {k: s for k, s in (summary.get("speed") or {}).items() if s}
     if speeds:
-        lines += ["| shapes | adapters | r | tokens/step | LoRA step (ms) | warm-up / LoRA | warm-up with v0.1 hooks / LoRA "
-                  "| switched / LoRA same modules | WeightLoRA+ / LoRA | switch (ms) | peak MiB LoRA / switched |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| shapes | adapters | r | tokens/step | LoRA step (ms) | warm-up / LoRA | warm-up with v0.1 hooks / LoRA "
+            "| switched / LoRA same modules | WeightLoRA+ / LoRA | switch (ms) | peak MiB LoRA / switched |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, s in speeds.items():
             st, r, m, mem = s["settings"], s["ratios"], s["median_step_seconds"], s["peak_memory_bytes"]
             lines.append(
                 f"| {name} | {st['adapters']} | {st['r']} | {st['batch']} x {st['seq']} | {m['lora'] * 1000:.1f} "
                 f"| {r['warmup']:.3f} | {r['warmup_hooks']:.3f} | {r['switched']:.3f} | {r['plus_switched']:.3f} "
-                f"| {s['switch_seconds']['switched'] * 1000:.0f} | {mem['lora'] / 2**20:.0f} / {mem['switched'] / 2**20:.0f} |")
-        lines += ["", "Targets: warm-up / LoRA <= 1.05, switched / LoRA on the same modules <= 1.02, WeightLoRA+ / LoRA "
-                  "<= 1.05, switch < 1 s, peak memory after the switch < LoRA's.", ""]
+                f"| {s['switch_seconds']['switched'] * 1000:.0f} | {mem['lora'] / 2**20:.0f} / {mem['switched'] / 2**20:.0f} |"
+            )
+        lines += [
+            "",
+            "Targets: warm-up / LoRA <= 1.05, switched / LoRA on the same modules <= 1.02, WeightLoRA+ / LoRA "
+            "<= 1.05, switch < 1 s, peak memory after the switch < LoRA's.",
+            "",
+        ]
     memory = summary.get("memory")
     if memory and memory["methods"]["lora"]["warmup"]["peak"] is not None:
         st = memory["settings"]
-        lines += [f"CUDA memory per phase, Trainer runs on {st['model']} (r = {st['r']}, {st['batch']} x {st['seq']} "
-                  f"tokens, {st['dtype']}, T = {st['T']} of {st['max_steps']} steps), MiB:", "",
-                  "| method | warm-up peak | after-switch peak | held after warm-up | held at the end | trainable after |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"CUDA memory per phase, Trainer runs on {st['model']} (r = {st['r']}, {st['batch']} x {st['seq']} "
+            f"tokens, {st['dtype']}, T = {st['T']} of {st['max_steps']} steps), MiB:",
+            "",
+            "| method | warm-up peak | after-switch peak | held after warm-up | held at the end | trainable after |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for method, r in memory["methods"].items():
             w, a = r["warmup"], r["after_switch"]
-            lines.append(f"| {method} | {w['peak'] / 2**20:.1f} | {a['peak'] / 2**20:.1f} | "
-                         f"{w['allocated_at_end'] / 2**20:.1f} | {a['allocated_at_end'] / 2**20:.1f} | "
-                         f"{a['trainable']:,} |")
+            lines.append(
+                f"| {method} | {w['peak'] / 2**20:.1f} | {a['peak'] / 2**20:.1f} | "
+                f"{w['allocated_at_end'] / 2**20:.1f} | {a['allocated_at_end'] / 2**20:.1f} | "
+                f"{a['trainable']:,} |"
+            )
         lines.append("")
     failed = [name for name, ok in summary["checks"].items() if not ok]
-    lines.append(f"Checks: {len(summary['checks']) - len(failed)} of {len(summary['checks'])} passed"
-                 + (f"; failed: {', '.join(failed)}." if failed else "."))
+    lines.append(
+        f"Checks: {len(summary['checks']) - len(failed)} of {len(summary['checks'])} passed"
+        + (f"; failed: {', '.join(failed)}." if failed else ".")
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.conftest import addition_lm_dataset, cpu_args, tiny_llama  # noqa: E402
 from tests.scripts.ddp_worker import SequentialTrainer  # noqa: E402
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama  # noqa: E402
 from wlora_trl import WeightLoraConfig  # noqa: E402
 
 

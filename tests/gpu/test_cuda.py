@@ -7,7 +7,6 @@ Models are tiny Llamas built from configs (random weights), so the kit needs not
 from __future__ import annotations
 
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -19,10 +18,10 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, TrainingArguments
 
+from tests.testing_utils import addition_lm_dataset, char_tokenizer, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraSFTTrainer, WeightLoraTrainer
+from wlora_trl.state import read_selection
 from wlora_trl.surgery import innermost_optimizer
-
-from ..conftest import addition_lm_dataset, char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -32,8 +31,16 @@ WORKER = Path(__file__).parent / "nccl_worker.py"
 
 def _args(path, device, **overrides) -> TrainingArguments:
     kwargs = dict(
-        max_steps=8, per_device_train_batch_size=4, learning_rate=5e-3, lr_scheduler_type="linear", logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=device == "cpu", seed=0, dataloader_num_workers=0,
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=device == "cpu",
+        seed=0,
+        dataloader_num_workers=0,
         disable_tqdm=True,
     )
     kwargs.update(overrides)
@@ -94,7 +101,9 @@ def _lora_modules(peft_model) -> set[str]:
 
 
 def _lora_weights(peft_model) -> dict[str, torch.Tensor]:
-    return {n.replace(".default", ""): p.detach().float().cpu() for n, p in peft_model.named_parameters() if "lora_" in n}
+    return {
+        n.replace(".default", ""): p.detach().float().cpu() for n, p in peft_model.named_parameters() if "lora_" in n
+    }
 
 
 def _check_selection(trainer, record):
@@ -122,7 +131,7 @@ def _check_reload(trainer, kept, adapter_dir, fresh_base, device, atol):
     trained = _logits(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), device)
     reloaded = PeftModel.from_pretrained(fresh_base, adapter_dir)
     assert _lora_modules(reloaded) == kept
-    assert json.loads((Path(adapter_dir) / "selection.json").read_text())["switched"] is True
+    assert read_selection(adapter_dir).switched is True
     logits = _logits(reloaded, device)
     with reloaded.disable_adapter():
         without = _logits(reloaded, device)
@@ -164,7 +173,9 @@ def test_fp16_grad_scaler_overflow_skips_omega_too(tmp_path, cuda, optim):
     tiny_llama().save_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir).to(cuda)  # fp32 master weights, fp16 autocast
     args = _args(tmp_path / "run", cuda, fp16=True, optim=optim, max_steps=10)
-    trainer = WeightLoraTrainer(model, args, train_dataset=addition_lm_dataset(), peft_config=_config(selection_steps=6))
+    trainer = WeightLoraTrainer(
+        model, args, train_dataset=addition_lm_dataset(), peft_config=_config(selection_steps=6)
+    )
     overflow_step = 3
     training_step = trainer.training_step
 
@@ -198,7 +209,9 @@ def test_fp16_grad_scaler_overflow_skips_omega_too(tmp_path, cuda, optim):
 QUANTIZATION = {
     "int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
     "nf4": lambda: BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
     ),
 }
@@ -214,8 +227,9 @@ def test_quantized_base_through_switch_save_and_reload(tmp_path, device, kind):
     device_map = {"": 0 if device == "cuda" else "cpu"}
 
     def quantized():
-        return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=QUANTIZATION[kind](),
-                                                    device_map=device_map)
+        return AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=QUANTIZATION[kind](), device_map=device_map
+        )
 
     model = prepare_model_for_kbit_training(quantized())  # fp32 norms, input grads, gradient checkpointing
     peft_model = get_peft_model(model, _config())
@@ -249,10 +263,15 @@ def test_quantized_base_through_switch_save_and_reload(tmp_path, device, kind):
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_selection(tmp_path, device, use_reentrant):
     def omega_at_switch(path, checkpointing):
-        args = _args(path, device, gradient_checkpointing=checkpointing,
-                     gradient_checkpointing_kwargs={"use_reentrant": use_reentrant} if checkpointing else None)
-        trainer = WeightLoraTrainer(tiny_llama().to(device), args, train_dataset=addition_lm_dataset(),
-                                    peft_config=_config())
+        args = _args(
+            path,
+            device,
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant} if checkpointing else None,
+        )
+        trainer = WeightLoraTrainer(
+            tiny_llama().to(device), args, train_dataset=addition_lm_dataset(), peft_config=_config()
+        )
         record = _Record(trainer)
         trainer.train()
         _check_selection(trainer, record)
@@ -268,6 +287,7 @@ def test_gradient_checkpointing_gives_the_same_selection(tmp_path, device, use_r
 # --- 5. one NCCL process through torchrun: the DDP re-wrap path ---------------------------------------------------
 
 
+@pytest.mark.slow  # child processes under torchrun
 def test_one_process_torchrun_takes_the_ddp_rewrap_path(tmp_path, device):
     """The switch re-wraps DDP on NCCL (gloo in the CPU dry run); the result must equal a plain single-process run.
 
@@ -278,8 +298,9 @@ def test_one_process_torchrun_takes_the_ddp_rewrap_path(tmp_path, device):
     runs = {}
     for name, launcher in {"torchrun": command, "plain": [sys.executable, str(WORKER)]}.items():
         out = tmp_path / name
-        done = subprocess.run([*launcher, str(out), "--device", device], capture_output=True, text=True, env=env,
-                              timeout=120)
+        done = subprocess.run(
+            [*launcher, str(out), "--device", device], capture_output=True, text=True, env=env, timeout=120
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         runs[name] = torch.load(out / "rank0.pt")
     ddp, plain = runs["torchrun"], runs["plain"]
@@ -306,13 +327,23 @@ def test_sft_trainer_end_to_end(tmp_path, device):
     base_dir = tmp_path / "base"
     tiny_llama().save_pretrained(base_dir)
     # SFTConfig's own defaults: bf16=True, gradient_checkpointing=True.
-    args = SFTConfig(str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3,
-                     logging_steps=1, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
-                     use_cpu=device == "cpu")
+    args = SFTConfig(
+        str(tmp_path / "run"),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+    )
     assert args.bf16 and args.gradient_checkpointing
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to(device)
-    trainer = WeightLoraSFTTrainer(model=model, args=args, train_dataset=data, processing_class=char_tokenizer(),
-                                   peft_config=_config())
+    trainer = WeightLoraSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=char_tokenizer(), peft_config=_config()
+    )
     record = _Record(trainer)
     trainer.train()
     kept = _check_selection(trainer, record)
@@ -349,8 +380,11 @@ def test_switch_frees_dropped_adapters_and_their_optimizer_state(device):
     weight_lora.switch(optimizer)
     gc.collect()
     assert sum(r() is not None for r in refs) == 0  # no old adapter, gradient or moment is reachable
-    assert all(p in {q for n, q in model.named_parameters() if "lora_" in n}
-               for group in optimizer.param_groups for p in group["params"])
+    assert all(
+        p in {q for n, q in model.named_parameters() if "lora_" in n}
+        for group in optimizer.param_groups
+        for p in group["params"]
+    )
     new_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     assert 0 < new_bytes < old_bytes / 2
     if device == "cuda":
@@ -372,9 +406,14 @@ def test_omega_and_activations_on_different_devices(cuda, omega_on):
 
     other = "cuda" if omega_on == "cpu" else "cpu"
     index = {"cuda": 0, "cpu": "cpu"}
-    device_map = {"model.embed_tokens": index[omega_on], "model.layers.0": index[omega_on],
-                  "model.layers.1": index[other], "model.norm": index[other], "model.rotary_emb": index[other],
-                  "lm_head": index[other]}
+    device_map = {
+        "model.embed_tokens": index[omega_on],
+        "model.layers.0": index[omega_on],
+        "model.layers.1": index[other],
+        "model.norm": index[other],
+        "model.rotary_emb": index[other],
+        "lm_head": index[other],
+    }
     # main_device="cpu": modules mapped to the CPU run there. (from_pretrained's device_map would treat them as
     # offloaded, their weights streamed to the GPU: one device again.)
     spread = dispatch_model(tiny_llama(), device_map, main_device="cpu")
@@ -414,6 +453,7 @@ def test_switch_leaves_the_cuda_generator_alone(cuda):
     """The switch seeds only the CPU generator that PEFT initialises with: dropout masks drawn on the GPU after the
     switch continue the training stream instead of replaying it from step 1, and the re-initialisation is still a
     function of the seed alone."""
+
     def switched(seed):
         model = get_peft_model(tiny_llama().to(cuda), _config(lora_dropout=0.1, selection_steps=2))
         weight_lora = WeightLoraModel(model)

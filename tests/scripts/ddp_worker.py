@@ -17,7 +17,7 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.conftest import addition_lm_dataset, cpu_args, tiny_llama  # noqa: E402
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer  # noqa: E402
 
 
@@ -31,14 +31,26 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--accumulation", type=int, default=1)
-    parser.add_argument("--evaluate-first", action="store_true", help="trainer.evaluate() before train(), as the recipes do")
+    parser.add_argument(
+        "--evaluate-first", action="store_true", help="trainer.evaluate() before train(), as the recipes do"
+    )
     parser.add_argument("--compile", action="store_true", help="torch_compile=True with the eager backend")
-    parser.add_argument("--reentrant-checkpointing", action="store_true",
-                        help="reentrant gradient checkpointing with ddp_find_unused_parameters=False")
-    parser.add_argument("--conditional-compute", action="store_true",
-                        help="after the switch, every other step skips the last layer (its adapters get no gradient)")
-    parser.add_argument("--unwrap-at", type=int, default=None,
-                        help="simulate a lost DDP wrapper: from this step on the ranks train without synchronising")
+    parser.add_argument(
+        "--reentrant-checkpointing",
+        action="store_true",
+        help="reentrant gradient checkpointing with ddp_find_unused_parameters=False",
+    )
+    parser.add_argument(
+        "--conditional-compute",
+        action="store_true",
+        help="after the switch, every other step skips the last layer (its adapters get no gradient)",
+    )
+    parser.add_argument(
+        "--unwrap-at",
+        type=int,
+        default=None,
+        help="simulate a lost DDP wrapper: from this step on the ranks train without synchronising",
+    )
     cli = parser.parse_args()
 
     cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=4)
@@ -46,14 +58,26 @@ def main() -> None:
     if cli.compile:
         extra.update(torch_compile=True, torch_compile_backend="eager")
     if cli.reentrant_checkpointing:
-        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
-                     ddp_find_unused_parameters=False)
+        extra.update(
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+            ddp_find_unused_parameters=False,
+        )
     args = cpu_args(
-        cli.out, max_steps=8, per_device_train_batch_size=cli.batch, gradient_accumulation_steps=cli.accumulation,
-        per_device_eval_batch_size=cli.batch, **extra,
+        cli.out,
+        max_steps=8,
+        per_device_train_batch_size=cli.batch,
+        gradient_accumulation_steps=cli.accumulation,
+        per_device_eval_batch_size=cli.batch,
+        **extra,
     )
-    trainer = SequentialTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg,
-                                eval_dataset=addition_lm_dataset(rows=8))
+    trainer = SequentialTrainer(
+        tiny_llama(),
+        args,
+        train_dataset=addition_lm_dataset(),
+        peft_config=cfg,
+        eval_dataset=addition_lm_dataset(rows=8),
+    )
     record = {}
     switch = trainer._switch
 
@@ -81,6 +105,7 @@ def main() -> None:
 
         trainer.add_callback(SkipLastLayer())
     if cli.unwrap_at is not None:
+
         class Unwrap(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == cli.unwrap_at:

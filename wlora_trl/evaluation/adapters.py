@@ -28,7 +28,9 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 _PREFIX = "base_model.model."
 # `<module>.lora_A.weight`, `<module>.lora_embedding_A` (PEFT strips the adapter name when saving; tolerate it).
-_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$"
+)
 
 
 class AdapterInputError(ValueError):
@@ -36,7 +38,7 @@ class AdapterInputError(ValueError):
 
 
 @dataclass
-class AdapterInfo:
+class AdapterCheck:
     path: Path
     config: dict
     warnings: list[str] = field(default_factory=list)
@@ -61,7 +63,7 @@ def _read_config(path: Path) -> dict:
         raise AdapterInputError(f"--adapter {path}: {CONFIG_FILE} is not valid JSON: {err}") from err
     if config.get("peft_type") != "LORA":
         raise AdapterInputError(
-            f"--adapter {path} is a {config.get('peft_type')!r} adapter, not LoRA (peft_type must be \"LORA\")"
+            f'--adapter {path} is a {config.get("peft_type")!r} adapter, not LoRA (peft_type must be "LORA")'
         )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise AdapterInputError(f"--adapter {path} was trained for task_type {config['task_type']}, not CAUSAL_LM")
@@ -100,7 +102,9 @@ def _target_module_problems(config: dict, base: BaseModelInfo) -> tuple[list[str
     missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     if len(missing) == len(targets):
         sample = sorted({name.rsplit(".", 1)[-1] for name in names})
-        return [f"none of its target_modules {sorted(targets)} exists in {base.name}, whose layers are named {sample}"], []
+        return [
+            f"none of its target_modules {sorted(targets)} exists in {base.name}, whose layers are named {sample}"
+        ], []
     if missing:
         return [], [f"target_modules {sorted(missing)} match no module of {base.name} (PEFT skips them)"]
     return [], []
@@ -124,8 +128,12 @@ def _weight_problems(shapes: dict[str, tuple[int, ...]], base: BaseModelInfo) ->
         if len(shape) != 2:  # convolutions: names checked, shapes are layer-specific
             continue
         in_features, out_features = base.layers[module]
-        expected = {"lora_A": (1, in_features), "lora_B": (0, out_features),
-                    "lora_embedding_A": (1, in_features), "lora_embedding_B": (0, out_features)}[kind]
+        expected = {
+            "lora_A": (1, in_features),
+            "lora_B": (0, out_features),
+            "lora_embedding_A": (1, in_features),
+            "lora_embedding_B": (0, out_features),
+        }[kind]
         if shape[expected[0]] != expected[1]:
             problems.append(
                 f"{key} has shape {list(shape)}, which does not fit {module} of {base.name} "
@@ -154,10 +162,12 @@ def _recorded_base_problems(recorded: str | None, base: BaseModelInfo) -> tuple[
         if differ:
             return [f"it was trained on {recorded}, a different model than {base.name}: {', '.join(differ)}"], []
         return [], []
-    return [], [f"it records base model {recorded!r}, not {base.name!r}; its module names and shapes fit, so it is used"]
+    return [], [
+        f"it records base model {recorded!r}, not {base.name!r}; its module names and shapes fit, so it is used"
+    ]
 
 
-def check_adapter(path: str | os.PathLike, base: BaseModelInfo) -> AdapterInfo:
+def check_adapter(path: str | os.PathLike, base: BaseModelInfo) -> AdapterCheck:
     """Raise AdapterInputError unless `path` is a LoRA adapter that fits `base`; collect softer doubts as warnings."""
     path = Path(path)
     config = _read_config(path)
@@ -170,4 +180,4 @@ def check_adapter(path: str | os.PathLike, base: BaseModelInfo) -> AdapterInfo:
         raise AdapterInputError(f"--adapter {path} is not an adapter for {base.name}:\n  " + "\n  ".join(errors[:10]))
     for warning in warnings:
         logger.warning("--adapter %s: %s", path, warning)
-    return AdapterInfo(path=path, config=config, warnings=warnings)
+    return AdapterCheck(path=path, config=config, warnings=warnings)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..local_models import resolve_model
+from .._offline.models import resolve_model
 
 
 class ModelInputError(ValueError):
@@ -45,8 +45,14 @@ def _in_out(module: torch.nn.Module) -> tuple[int, int] | None:
 
 
 # Any of these makes a folder loadable by AutoTokenizer (fast, slow sentencepiece, BPE and WordPiece layouts).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def inspect_base_model(name: str) -> BaseModelInfo:
@@ -57,7 +63,11 @@ def inspect_base_model(name: str) -> BaseModelInfo:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        hint = "" if os.path.exists(path) else " (not a local folder; offline, only local folders and packaged models work)"
+        hint = (
+            ""
+            if os.path.exists(path)
+            else " (not a local folder; offline, only local folders and packaged models work)"
+        )
         raise ModelInputError(f"--model {name}: cannot read its config{hint}: {err}") from err
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise ModelInputError(

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from ..data import resolve_data_dir
+from .._offline.data import resolve_data_dir
+from .._offline.hub import hub_offline
 from . import tasks as task_defs
 from .adapters import AdapterInputError, check_adapter
 from .base_model import ModelInputError, inspect_base_model
@@ -29,7 +30,6 @@ from .table import build_rows, format_markdown, format_text, task_metrics, write
 logger = logging.getLogger(__name__)
 
 INPUT_ERRORS = (task_defs.TaskInputError, ModelInputError, AdapterInputError)
-_OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass
@@ -39,10 +39,6 @@ class Plan:
     settings: RunSettings
     models: list[tuple[str, str | None]]  # (label, adapter folder or None for the base)
     warnings: list[str] = field(default_factory=list)
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").upper() in _OFFLINE_VALUES for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _data_source(args) -> Path | None:
@@ -55,7 +51,7 @@ def _data_source(args) -> Path | None:
             data_dir = resolve_data_dir(args.data_dir)
         except FileNotFoundError as err:
             raise task_defs.TaskInputError(str(err)) from err
-    if data_dir is None and _hub_offline():
+    if data_dir is None and hub_offline(include_datasets=True):
         raise task_defs.TaskInputError(
             "no local data folder was found and the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): pass "
             "--data_dir DIR (or set WLORA_TRL_DATA_DIR) with gsm8k/, hellaswag/, boolq/, arc_challenge/ in it, "
@@ -176,7 +172,9 @@ def run(plan: Plan, args, argv: list[str]) -> dict | None:
             "tasks": plan.tasks,
             "data": str(plan.data_dir.resolve()) if plan.data_dir else "hub (lm-eval stock tasks)",
         },
-        "models": [{"label": label, "adapter": adapter, "seconds": seconds.get(label)} for label, adapter in plan.models],
+        "models": [
+            {"label": label, "adapter": adapter, "seconds": seconds.get(label)} for label, adapter in plan.models
+        ],
         "n_samples": n_samples,
         "results": results,
         "table": rows,
@@ -195,7 +193,9 @@ def eval_command(args, argv: list[str]) -> int:
         return 0
     labels = [label for label, _ in plan.models]
     title = f"{args.model} ({payload['settings']['data']}, limit {plan.settings.limit})"
-    markdown = f"# wlora-trl eval: {title}\n\n{format_markdown(payload['table'], labels)}\n\nCommand: `{payload['command']}`"
+    markdown = (
+        f"# wlora-trl eval: {title}\n\n{format_markdown(payload['table'], labels)}\n\nCommand: `{payload['command']}`"
+    )
     output_dir = args.output_dir or os.path.join("outputs", "eval-" + time.strftime("%Y%m%d-%H%M%S"))
     json_path, md_path = write_outputs(output_dir, payload, markdown)
     print(format_text(payload["table"], labels))

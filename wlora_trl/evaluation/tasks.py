@@ -1,6 +1,6 @@
 """The four benchmark tasks as lm-eval task folders, on local data files or on the hub.
 
-The task definitions are YAML templates shipped inside the package (`wlora_trl/eval_tasks/`), so that an installed
+The task definitions are YAML templates shipped inside the package (`wlora_trl/evaluation/task_templates/`), so that an installed
 `wlora-trl` finds them without a repository checkout. Each template `include`s lm-eval's stock task by absolute path
 and overrides only the data source; prompts, filters and metrics stay lm-eval's own. lm-eval resolves an `include`
 relative to the including file unless it is absolute, and `dataset_kwargs.data_files` relative to the working
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from ..data import DATA_DIR_ENV
+from .._offline.data import DATA_DIR_ENV
 
-TEMPLATE_FOLDER = "eval_tasks"  # inside the wlora_trl package, shipped as package data
+TEMPLATE_FOLDER = "task_templates"  # inside wlora_trl.evaluation, shipped as package data
 TASKS = ("gsm8k", "hellaswag", "boolq", "arc_challenge")
 
 
@@ -49,8 +49,8 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
 
 
 def _template(task: str) -> dict:
-    # Anchored at wlora_trl itself: eval_tasks/ is a data folder, not a package (no __init__.py).
-    text = resources.files("wlora_trl").joinpath(TEMPLATE_FOLDER).joinpath(f"{task}.yaml").read_text()
+    # Anchored at wlora_trl.evaluation: task_templates/ is a data folder, not a package (no __init__.py).
+    text = resources.files("wlora_trl.evaluation").joinpath(TEMPLATE_FOLDER).joinpath(f"{task}.yaml").read_text()
     return yaml.safe_load(text)
 
 
@@ -107,7 +107,9 @@ def check_local_data(tasks: list[str], data_dir: Path, num_fewshot: int | None) 
         if shots and source.path(data_dir).is_file():
             rows = _count_rows(source.path(data_dir), stop=shots + 1)
             if rows < shots + 1:
-                problems.append(f"{task}: {shots}-shot needs {shots + 1} rows in {source.path(data_dir)}, it has {rows}")
+                problems.append(
+                    f"{task}: {shots}-shot needs {shots + 1} rows in {source.path(data_dir)}, it has {rows}"
+                )
     if problems:
         where = f"data folder {data_dir} (from --data_dir, ${DATA_DIR_ENV}, or shared/data above the current directory)"
         raise TaskInputError(f"local data for {where} is incomplete:\n  " + "\n  ".join(problems))

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 
-SPEED = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+pytestmark = pytest.mark.slow  # benchmark smoke runs, the quality one on the real SmolLM2
+
+SPEED = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
 def test_speed_benchmark_smoke(tmp_path):
     out = tmp_path / "speed.json"
-    subprocess.run([sys.executable, str(SPEED), "--model", "tiny", "--rounds", "2", "--seq", "16", "--output", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(SPEED), "--model", "tiny", "--rounds", "2", "--seq", "16", "--output", str(out)],
+        check=True,
+        capture_output=True,
+    )
     result = json.loads(out.read_text())
     variants = {"lora", "warmup", "warmup_hooks", "switched", "lora_same", "plus_switched"}
     assert set(result["median_step_seconds"]) == variants == set(result["peak_memory_bytes"])
@@ -34,15 +39,41 @@ QUALITY = SPEED.parent / "quality.py"
 def test_quality_benchmark_smoke(tmp_path):
     """The quality benchmark end to end on the real SmolLM2 and GSM8K with a tiny budget: two methods over two
     seeds, a one-point K sweep, and lm-eval exact match on one question. Checks the JSON the README table reads."""
-    from wlora_trl.data import resolve_data_dir
+    from wlora_trl._offline.data import resolve_data_dir
 
     if resolve_data_dir() is None:
         pytest.skip("no local data folder (shared/data or WLORA_TRL_DATA_DIR)")
     out = tmp_path / "quality.json"
-    flags = ["--seeds", "0", "1", "--methods", "lora", "weightlora", "--max_steps", "3", "--selection_steps", "2",
-             "--batch_size", "1", "--max_length", "128", "--train_samples", "8", "--heldout_samples", "2",
-             "--em_limit", "1", "--sweep", "--sweep_k", "0.25", "--sweep_T",
-             "--work_dir", str(tmp_path / "work"), "--output", str(out)]
+    flags = [
+        "--seeds",
+        "0",
+        "1",
+        "--methods",
+        "lora",
+        "weightlora",
+        "--max_steps",
+        "3",
+        "--selection_steps",
+        "2",
+        "--batch_size",
+        "1",
+        "--max_length",
+        "128",
+        "--train_samples",
+        "8",
+        "--heldout_samples",
+        "2",
+        "--em_limit",
+        "1",
+        "--sweep",
+        "--sweep_k",
+        "0.25",
+        "--sweep_T",
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(QUALITY), *flags], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KIT = REPO / "benchmarks" / "gpu"
 sys.path.insert(0, str(KIT))
 
 import run as kit  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the kit's whole dry run, in child processes
 
 
 def test_carried_wheels_are_pinned_to_the_versions_tested_here():
@@ -30,8 +32,14 @@ def test_carried_wheels_are_pinned_to_the_versions_tested_here():
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("kit")
-    done = subprocess.run([sys.executable, str(KIT / "run.py"), str(out), "--dry-run"], capture_output=True,
-                          text=True, cwd=REPO, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(KIT / "run.py"), str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     return out, json.loads((out / "gpu_kit_cpu-dry-run.json").read_text())
 

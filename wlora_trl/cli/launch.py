@@ -3,8 +3,8 @@
 The script's own TrlParser decides which arguments are the script's (its dataclass fields, `--config`); whatever it
 does not know, on the command line or as keys of the `--config` YAML, is an `accelerate launch` option
 (`--num_processes 8`, `--mixed_precision bf16`, ...). `--accelerate_config NAME|PATH` picks one of the packaged
-configs in `wlora_trl/accelerate_configs/` (or any file) and becomes `--config_file`. The script is launched as a
-module (`-m wlora_trl.scripts.sft`), so it runs from the installed package, with the original arguments including
+configs in `wlora_trl/cli/accelerate_configs/` (or any file) and becomes `--config_file`. The script is launched as a
+module (`-m wlora_trl.recipes.sft`), so it runs from the installed package, with the original arguments including
 `--config`, which it parses again in every process.
 """
 
@@ -14,8 +14,8 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
-SFT_MODULE = "wlora_trl.scripts.sft"
-CONFIG_PACKAGE = "wlora_trl"
+SFT_MODULE = "wlora_trl.recipes.sft"
+CONFIG_PACKAGE = "wlora_trl.cli"
 CONFIG_FOLDER = "accelerate_configs"
 
 
@@ -86,7 +86,9 @@ def run_sft(argv: list[str]) -> int:
         # Imported here, not at the top: it pulls in TRL's trainers, which the other subcommands do not need.
         sft = importlib.import_module(SFT_MODULE)
     except ImportError as err:
-        raise SystemExit(f"wlora-trl sft: the SFT script {SFT_MODULE} is not available in this installation: {err}")
+        raise SystemExit(
+            f"wlora-trl sft: the SFT script {SFT_MODULE} is not available in this installation: {err}"
+        ) from err
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     parser = sft.make_parser()

@@ -1,4 +1,4 @@
-"""Tests for wlora_trl.local_models: offline default models from PyPI packages.
+"""Tests for wlora_trl._offline.models: offline default models from PyPI packages.
 
 One real GGUF -> safetensors conversion per session (module-scoped fixture,
 ~30 s); the cache-marker logic is tested with a stubbed converter.
@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from wlora_trl import local_models as lm
-from wlora_trl.local_models import (
+from wlora_trl._offline import models as lm
+from wlora_trl._offline.models import (
     MissingModelPackageError,
     cache_root,
     minilm_path,
     resolve_model,
     smollm2_path,
 )
+
+pytestmark = pytest.mark.slow  # the real GGUF conversion
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -143,11 +145,13 @@ def test_missing_smollm2_package(monkeypatch, tmp_path):
     with pytest.raises(MissingModelPackageError, match=msg):
         smollm2_path(tmp_path)
     assert issubclass(MissingModelPackageError, ImportError)
-    # Offline, the hub id cannot help either: same error; online: fall back to the hub id.
+    # The local alias names the package: same error. Offline, the hub id cannot help either; online it is the hub's.
+    with pytest.raises(MissingModelPackageError, match=msg):
+        resolve_model("smollm2-135m-instruct")
     with pytest.raises(MissingModelPackageError, match=msg):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert resolve_model("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_missing_minilm_package(monkeypatch):
@@ -179,9 +183,15 @@ def test_minilm_path_loads():
 def test_resolve_model(converted, monkeypatch, tmp_path):
     cache, path, _ = converted
     monkeypatch.setenv("WLORA_TRL_CACHE", str(cache))
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == str(path)
+    # The local aliases always mean the packaged copies; the hub ids only while the hub is offline.
     assert resolve_model("smollm2-135m-instruct") == str(path)
-    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == str(minilm_path())
+    assert resolve_model("all-minilm-l6-v2") == str(minilm_path())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == str(path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # Online, the hub id is the hub's model: no silent substitution of the dequantized copy.
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     assert resolve_model(str(tmp_path)) == str(tmp_path)  # existing local path: unchanged
     assert resolve_model("gpt2") == "gpt2"  # unknown hub id: unchanged
 
@@ -195,3 +205,13 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("WLORA_TRL_CACHE", str(tmp_path / "env"))
     assert cache_root() == tmp_path / "env"
     assert cache_root(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_which_copy_was_loaded_is_said_once(converted, monkeypatch, capsys):
+    cache, path, _ = converted
+    monkeypatch.setenv("WLORA_TRL_CACHE", str(cache))
+    monkeypatch.setattr(lm, "_ANNOUNCED", set())
+    resolve_model("smollm2-135m-instruct")
+    resolve_model("smollm2-135m-instruct")
+    err = capsys.readouterr().err
+    assert err.count("smollm2-135m-instruct -> the packaged copy") == 1 and "not the hub's bf16" in err

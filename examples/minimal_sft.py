@@ -1,0 +1,59 @@
+"""WeightLoRA in a plain TRL script: the lines to copy into your own training code.
+
+    python examples/minimal_sft.py                                   # SmolLM2-135M-Instruct, local GSM8K, offline
+    python examples/minimal_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data openai/gsm8k   # from the hub
+
+The two WeightLoRA lines are the imports of `WeightLoraConfig` and `WeightLoraSFTTrainer` (drop-ins for
+`peft.LoraConfig` and `trl.SFTTrainer`); everything else is ordinary TRL. For the full recipe, with a before/after
+evaluation, the selection heatmap and every flag, see `examples/sft_gsm8k.py`.
+"""
+
+import argparse
+
+from datasets import load_dataset
+from trl import SFTConfig
+
+from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default="smollm2-135m-instruct", help="hub id, local folder, or the packaged copy")
+parser.add_argument("--data", default=None, help="hub dataset id (default: ../shared/data/gsm8k, offline)")
+parser.add_argument("--max_steps", type=int, default=30)
+parser.add_argument("--output_dir", default="outputs/minimal_sft")
+args = parser.parse_args()
+
+# Offline defaults: the packaged model copy and the local GSM8K files (see the README); online, pass hub ids.
+from wlora_trl._offline.data import resolve_data_dir  # noqa: E402
+from wlora_trl._offline.models import resolve_model  # noqa: E402
+
+if args.data:
+    dataset = load_dataset(args.data, "main", split="train")
+else:
+    dataset = load_dataset("json", data_files=str(resolve_data_dir() / "gsm8k" / "train.jsonl"), split="train")
+dataset = dataset.select(range(8 * args.max_steps)).map(
+    lambda row: {
+        "prompt": [{"role": "user", "content": row["question"]}],
+        "completion": [{"role": "assistant", "content": row["answer"]}],
+    },
+    remove_columns=dataset.column_names,
+)
+
+peft_config = WeightLoraConfig(r=8, lora_alpha=16, target_modules="all-linear", selection_steps=5)  # K = n/2
+training_args = SFTConfig(
+    args.output_dir,
+    max_steps=args.max_steps,
+    per_device_train_batch_size=2,
+    learning_rate=2e-4,
+    max_length=320,
+    logging_steps=5,
+    report_to=[],
+    save_strategy="no",
+    bf16=False,
+    gradient_checkpointing=False,
+)
+trainer = WeightLoraSFTTrainer(
+    model=resolve_model(args.model), args=training_args, train_dataset=dataset, peft_config=peft_config
+)
+trainer.train()  # steps 1..5: omega by StoIHT; step 6: the switch (one line on the console); then plain LoRA
+trainer.save_model(args.output_dir)  # a stock PEFT LoRA adapter (+ selection.json): loads without wlora_trl
+print(f"Saved to {args.output_dir}: {trainer.weight_lora.summary()}")

@@ -1,0 +1,62 @@
+"""WeightLoRA under data parallelism: the DDP re-wrap at the switch and the check that the ranks agree.
+
+DDP synchronises the gradients of the parameters it was built with; the switch re-creates the kept adapters, so the
+model must be wrapped again or the ranks would train them apart, silently. `check_ranks_agree` makes that failure
+(or any earlier one: a model never wrapped) loud, at the one point where it would otherwise become permanent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ._compat import (
+    ddp_find_unused_parameters,
+    ddp_without_initial_broadcast,
+    forget_prepared,
+    release_ddp,
+    reset_compile_caches,
+)
+
+
+def ddp_inside(model: torch.nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper of a prepared model, also under torch.compile (an OptimizedModule around the DDP)."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def rewrap_ddp(accelerator, model: torch.nn.Module, wrapped: torch.nn.Module) -> torch.nn.Module:
+    """Wrap the rebuilt `model` in a new DDP in place of `wrapped` (a DDP, or a compiled one) and return it.
+
+    - The new wrapper keeps the old one's `find_unused_parameters` (the user's setting, or the Trainer's default
+      for a PEFT model): a kept adapter may still be unused in some steps (conditional compute).
+    - It skips DDP's initial broadcast of every parameter: the re-created adapters are the same on every rank
+      already (seeded re-initialisation, checked by `check_ranks_agree` just before).
+    - The old wrapper is emptied of everything that holds the old adapters (reducer, buckets, parameter lists).
+    - Under `torch_compile` accelerate compiles the new wrapper too.
+    """
+    old = ddp_inside(wrapped)
+    forget_prepared(accelerator, wrapped, old)
+    with ddp_find_unused_parameters(accelerator, old.find_unused_parameters), ddp_without_initial_broadcast():
+        new = accelerator.prepare_model(model)
+    release_ddp(old)
+    if wrapped is not old:
+        reset_compile_caches()
+    return new
+
+
+def check_ranks_agree(omega: torch.Tensor | None) -> None:
+    """Raise unless every process holds the same omega (hence the same kept set): one small all-gather."""
+    if omega is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    device = omega.device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
+    mine = omega.detach().to(device)
+    gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, mine)
+    differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if differing:
+        raise RuntimeError(
+            f"WeightLoRA: at the switch, ranks {differing} hold another omega than rank 0, so they would keep other "
+            "adapters. The ranks have been training without synchronised gradients (the model was not wrapped in "
+            "DistributedDataParallel for part of the run)."
+        )

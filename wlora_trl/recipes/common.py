@@ -1,0 +1,189 @@
+"""What the recipes share: the WeightLoRA flags, building the PEFT config from them, parser and logging setup."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig
+
+from ..config import WeightLoraConfig
+from ..plotting import HEATMAP_FILE, plot_selection_heatmap
+from ..state import SELECTION_FILE, kept_by_projection
+from .quick_eval import results_table, write_results
+
+METHODS = ("weightlora", "random", "lora")
+
+
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(WeightLoraConfig)}
+
+
+def _from_config(name: str, note: str = "", as_text: bool = False):
+    """A flag that is `WeightLoraConfig.<name>`: its default and help come from the config, the one definition.
+
+    `as_text`: k and selection_steps are int (a count) or float (a fraction) in the config; the flag keeps the
+    text, so `--k 1.0` (all adapters) and `--k 1` (one) mean what `k=1.0` and `k=1` mean (`config_number`)."""
+    config_field = _CONFIG_FIELDS[name]
+    default = str(config_field.default) if as_text else config_field.default
+    help_text = (config_field.metadata["help"] + note).replace("%", "%%")  # argparse formats help with %
+    return field(default=default, metadata={"help": help_text})
+
+
+def config_number(value: str | int | float, name: str) -> int | float:
+    """A count-or-fraction flag as the config reads it: '3' -> 3 (a count), '0.5' and '1.0' -> floats (fractions);
+    numbers from a YAML --config are already typed."""
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"--{name} {value!r}: pass a whole number (a count) or a decimal (a fraction).") from None
+
+
+@dataclass
+class WeightLoraArguments:
+    """The adapter method and WeightLoRA's knobs as command-line flags: every knob is a `WeightLoraConfig` field of
+    the same name, with its default and help (LoRA's r/alpha/dropout/targets come from `trl.ModelConfig`'s
+    `--lora_*` flags)."""
+
+    method: Literal["weightlora", "random", "lora"] = field(
+        default="weightlora",
+        metadata={
+            "help": "'weightlora': the paper's method (omega trained by StoIHT for T steps, then K adapters kept). "
+            "'random': K random adapters kept after T steps (the paper's RLoRA ablation; WeightLoraConfig's "
+            "selection='random'). 'lora': plain LoRA on every target module, the baseline (stock trainer)."
+        },
+    )
+    k: str = _from_config("k", " On the command line: '--k 3' keeps 3, '--k 0.5' half, '--k 1.0' all.", as_text=True)
+    selection_steps: str = _from_config("selection_steps", as_text=True)
+    omega_lr: float = _from_config("omega_lr")
+    plus: bool = _from_config("plus")
+    reinit: bool = _from_config("reinit")
+
+
+def build_peft_config(args: WeightLoraArguments, **lora_fields) -> LoraConfig:
+    """`WeightLoraConfig` for 'weightlora' / 'random', a stock `LoraConfig` for the 'lora' baseline; `lora_fields`
+    (r, lora_alpha, target_modules, task_type, ...) are shared, so the baseline differs only in the selection."""
+    if args.method not in METHODS:
+        raise ValueError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}.")
+    if args.method == "lora":
+        if args.plus:
+            raise ValueError("--plus is WeightLoRA+; it has no meaning with --method lora. Drop one of them.")
+        return LoraConfig(**lora_fields)
+    return WeightLoraConfig(
+        k=config_number(args.k, "k"),
+        selection_steps=config_number(args.selection_steps, "selection_steps"),
+        omega_lr=args.omega_lr,
+        plus=args.plus,
+        reinit=args.reinit,
+        selection="random" if args.method == "random" else "stoiht",
+        **lora_fields,
+    )
+
+
+def lora_kwargs(model_args, **overrides) -> dict:
+    """The LoRA fields of a recipe's PEFT config from TRL's `ModelConfig` `--lora_*` flags (all-linear by default)."""
+    kwargs = dict(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        modules_to_save=model_args.lora_modules_to_save,
+        task_type=model_args.lora_task_type,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def record_selection(trainer, output_dir: str, summary: dict) -> None:
+    """On the main process, after `save_model`: the kept counts into `summary`, the heatmap beside selection.json,
+    and one line per projection type (nothing for the plain-LoRA baseline)."""
+    weight_lora = getattr(trainer, "weight_lora", None)
+    if weight_lora is None or not trainer.accelerator.is_main_process:
+        return
+    report = weight_lora.report(trainer.state.global_step)
+    summary.update(kept_adapters=weight_lora.k, total_adapters=weight_lora.num_adapters)
+    summary["files"]["selection"] = os.path.join(output_dir, SELECTION_FILE)
+    summary["files"]["heatmap"] = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
+    trainer.accelerator.print(
+        f"WeightLoRA kept {weight_lora.k} of {weight_lora.num_adapters} adapters; per projection: "
+        f"{kept_by_projection(report)}"
+    )
+
+
+def write_summary(trainer, output_dir: str, summary: dict, results: dict, metrics, title: str, closing: str) -> None:
+    """On the main process: the before/after table printed and written (`eval_results.{json,md}`) with the
+    summary, then the files saved and `closing` (wall times)."""
+    if not trainer.accelerator.is_main_process:
+        return
+    table = results_table(results, metrics)
+    json_path, markdown_path = write_results(output_dir, summary, table, title)
+    summary["files"].update(results_json=json_path, results_markdown=markdown_path)
+    trainer.accelerator.print(f"\n{title}\n\n{table}\n")
+    saved = ", ".join(os.path.basename(path) for path in summary["files"].values())
+    trainer.accelerator.print(f"Saved to {output_dir}: {saved} (+ adapter_config.json). {closing}")
+
+
+def let_optional_bools_stand_alone(parser) -> None:
+    """Make `--bf16` (and every other `bool | None` flag) work without a value, like `--fp16` does.
+
+    `HfArgumentParser` gives optional booleans whose default is None (bf16, tf32, ...) no `nargs='?'`, so a bare
+    `--bf16` fails with "expected one argument"; `--bf16 true` still works after this. (Matched by name: TRL
+    vendors its own copy of the argparser helpers.)
+    """
+    for action in parser._actions:
+        if getattr(action.type, "__name__", None) == "string_to_bool" and action.nargs is None:
+            action.nargs, action.const = "?", True
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler bound to whatever `sys.stderr` is when a record is written, not when the handler was made
+    (pytest, notebooks and progress bars swap it; a stale stream may be closed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always answers sys.stderr
+        pass
+
+
+def show_wlora_logs() -> None:
+    """Print wlora_trl's INFO lines (the switch: kept K of n adapters, which modules) next to the progress bar.
+
+    Adds one handler to the "wlora_trl" logger (once) and leaves propagation on, so the root logger, log capture
+    in tests, and the user's own handlers still see every record.
+    """
+    logger = logging.getLogger("wlora_trl")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+
+
+# What the recipes raise when they refuse their input (bad flags, missing data or model files, an impossible K or T):
+# the message says what to change, so the command line shows the message, not a traceback.
+INPUT_ERRORS = (ValueError, OSError, ImportError)
+
+
+def run_recipe(main, make_parser) -> None:
+    """Entry point of a recipe (`python -m`, `accelerate launch`, examples/): parse, run, and print a refusal of the
+    input as one message (exit status 2) instead of a traceback; WLORA_TRL_TRACEBACK=1 shows the traceback."""
+    try:
+        main(*make_parser().parse_args_and_config())
+    except INPUT_ERRORS as error:
+        if os.environ.get("WLORA_TRL_TRACEBACK"):
+            raise
+        print(f"error: {error}\n(set WLORA_TRL_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,190 @@
+"""`selection.json`: the record of what WeightLoRA selected, next to every saved adapter and checkpoint.
+
+It is the run's transparency report (n, K, T, every adapter's module, final omega, kept or not, rank after the
+switch) and the state a checkpoint resumes from: omega's fp32 values survive the JSON round trip exactly.
+`SelectionReport` / `AdapterRecord` are its one typed form; `write_selection` / `read_selection` its only writer and
+reader. Format versions: 1 adds `format_version`, `wlora_trl_version` and `omega_steps`; files without them (v0.1)
+still read and resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+SELECTION_FILE = "selection.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One adapter's fate: its index and module, final omega (None without omega), whether kept, rank after the
+    switch (its rank before it, until the switch; 0 when dropped)."""
+
+    index: int
+    module: str
+    omega: float | None
+    kept: bool
+    rank: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterRecord:
+        return cls(
+            index=int(data["index"]),
+            module=data["module"],
+            omega=data["omega"],
+            kept=bool(data["kept"]),
+            rank=int(data["rank"]),
+        )
+
+
+@dataclass(frozen=True)
+class SelectionReport:
+    """Everything about a run's selection, as written to `selection.json`."""
+
+    method: str  # "WeightLoRA", "WeightLoRA+" or "random"
+    adapter_name: str
+    n: int
+    k: int
+    selection_steps: int | None  # T
+    switched: bool
+    switch_step: int | None  # T + 1 once switched
+    step: int | None  # the optimizer step the report was taken at
+    omega_lr: float
+    reinit: bool
+    adapters: tuple[AdapterRecord, ...]
+    omega_steps: dict[str, int] = field(default_factory=dict)  # StoIHT step outcomes (taken, skipped: why)
+    format_version: int = FORMAT_VERSION
+    wlora_trl_version: str | None = None
+
+    @property
+    def kept_modules(self) -> list[str]:
+        return [a.module for a in self.adapters if a.kept]
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["adapters"] = [a.to_dict() for a in self.adapters]
+        data["omega_steps"] = dict(self.omega_steps)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SelectionReport:
+        version = data.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"selection.json has format_version {version}, newer than this wlora_trl reads ({FORMAT_VERSION}): "
+                "upgrade wlora-trl."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["adapters"] = tuple(AdapterRecord.from_dict(a) for a in data["adapters"])
+        values["format_version"] = version
+        return cls(**values)
+
+
+def write_selection(directory: str | os.PathLike, report: SelectionReport) -> str:
+    """Write `selection.json` into `directory` (created if needed); returns its path."""
+    from . import __version__
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, SELECTION_FILE)
+    data = dataclasses.replace(report, format_version=FORMAT_VERSION, wlora_trl_version=__version__).to_dict()
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def read_selection(location: str | os.PathLike) -> SelectionReport:
+    """Read a `selection.json`, given its path or the folder holding it (a saved adapter, a checkpoint)."""
+    path = os.fspath(location)
+    if os.path.isdir(path):
+        path = os.path.join(path, SELECTION_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: this folder was not written by a WeightLoRA trainer, so its selection state "
+            "(omega, kept adapters) is unknown. Resume from a checkpoint of the same WeightLoRA run."
+        )
+    with open(path) as f:
+        return SelectionReport.from_dict(json.load(f))
+
+
+# --- the selection as a layers x projections grid, and in one line ----------------------------------------------
+
+
+def parse_module_name(name: str) -> tuple[int | None, str]:
+    """(layer index, projection) of an adapted module's name, split at its first all-digit component.
+
+    'model.layers.12.self_attn.q_proj' -> (12, 'self_attn.q_proj');
+    'bert.encoder.layer.3.attention.self.query' -> (3, 'attention.self.query');
+    a name without a numeric component (e.g. 'bert.pooler.dense') -> (None, the whole name).
+    """
+    parts = name.split(".")
+    for position, part in enumerate(parts):
+        if part.isdigit() and position + 1 < len(parts):
+            return int(part), ".".join(parts[position + 1 :])
+    return None, name
+
+
+def _column_labels(projections: list[str]) -> list[str]:
+    # 'q_proj' reads better than 'self_attn.q_proj', but BERT has three different '*.dense': keep the full
+    # suffix whenever the last component alone would be ambiguous.
+    short = [projection.rsplit(".", 1)[-1] for projection in projections]
+    return short if len(set(short)) == len(short) else projections
+
+
+def selection_grid(report: SelectionReport) -> dict:
+    """The selection laid out as a layers x projections grid (what the heatmap draws).
+
+    Returns {"layers": row labels, "projections": column keys, "labels": column labels, "omega": rows of
+    floats (None where a layer has no such module or omega is unknown), "kept": rows of True/False/None}.
+    Modules without a layer index get one row each, labelled by their name, after the layers.
+    """
+    layer_ids: list[int] = []
+    projections: list[str] = []
+    cells: dict[tuple, dict] = {}
+    extra_rows: list[str] = []
+    for adapter in report.adapters:
+        layer, projection = parse_module_name(adapter.module)
+        if layer is None:
+            row, projection = adapter.module, "(outside the layers)"
+            extra_rows.append(row)
+        else:
+            row = layer
+            if layer not in layer_ids:
+                layer_ids.append(layer)
+        if projection not in projections:
+            projections.append(projection)
+        cells[(row, projection)] = adapter
+    rows = sorted(layer_ids) + extra_rows
+    omega = [[cells[(r, p)].omega if (r, p) in cells else None for p in projections] for r in rows]
+    kept = [[cells[(r, p)].kept if (r, p) in cells else None for p in projections] for r in rows]
+    return {
+        "layers": [str(r) for r in rows],
+        "projections": projections,
+        "labels": _column_labels(projections),
+        "omega": omega,
+        "kept": kept,
+    }
+
+
+def kept_by_projection(report: SelectionReport) -> str:
+    """'q_proj 14/30, k_proj 9/30, ...': the kept count per projection type, in model order."""
+    grid = selection_grid(report)
+    parts = []
+    for column, label in enumerate(grid["labels"]):
+        cells = [row[column] for row in grid["kept"] if row[column] is not None]
+        parts.append(f"{label} {sum(cells)}/{len(cells)}")
+    return ", ".join(parts)
+
+
+def switch_summary(report: SelectionReport) -> str:
+    """One line for the console: 'kept 105 of 210 adapters (rank 8); per projection: q_proj 10/30, ...'."""
+    ranks = ", ".join(map(str, sorted({a.rank for a in report.adapters if a.kept})))
+    kept = sum(a.kept for a in report.adapters)
+    return f"kept {kept} of {report.n} adapters (rank {ranks}); per projection: {kept_by_projection(report)}"

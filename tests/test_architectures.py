@@ -24,32 +24,17 @@ from transformers import (
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
-    LlamaConfig,
     T5Config,
 )
 
-from tests.testing_utils import VOCAB, addition_lm_dataset, classification_dataset, cpu_args, tiny_qwen3_moe
+from tests.testing_utils import VOCAB, addition_lm_dataset, classification_dataset, cpu_args, tiny_llama, tiny_qwen3_moe
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
 
 V = len(VOCAB)
 IDS = torch.arange(3, 35).reshape(2, 16)
 
 ARCHITECTURES = {  # name: (model factory, Auto class, data, extra WeightLoraConfig fields)
-    "llama": (
-        lambda: AutoModelForCausalLM.from_config(
-            LlamaConfig(
-                vocab_size=V,
-                hidden_size=64,
-                intermediate_size=96,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-        ),
-        "AutoModelForCausalLM",
-        addition_lm_dataset,
-        {},
-    ),
+    "llama": (tiny_llama, "AutoModelForCausalLM", addition_lm_dataset, {}),
     "qwen3_moe": (tiny_qwen3_moe, "AutoModelForCausalLM", addition_lm_dataset, {}),
     "gpt2": (
         lambda: AutoModelForCausalLM.from_config(

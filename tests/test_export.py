@@ -27,6 +27,13 @@ STOCK_RELOAD = textwrap.dedent(
 )
 
 
+def stock_reload_logits(base_dir, adapter_dir, tmp_path) -> torch.Tensor:
+    """The logits of `tmp_path/ids.pt` from the adapter loaded by stock PEFT in a process without wlora_trl."""
+    command = [sys.executable, "-c", STOCK_RELOAD, str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt")]
+    subprocess.run([*command, str(tmp_path / "logits.pt")], check=True)
+    return torch.load(tmp_path / "logits.pt")
+
+
 @pytest.mark.parametrize(
     "extra",
     [dict(), dict(plus=True), dict(rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 4}, k=10)],
@@ -54,19 +61,7 @@ def test_stock_peft_reload_reproduces_logits(tmp_path, extra):
         expected = model(input_ids=ids).logits
     assert any(name.endswith("lora_B.default.weight") and p.abs().sum() > 0 for name, p in model.named_parameters())
 
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            STOCK_RELOAD,
-            str(base_dir),
-            str(adapter_dir),
-            str(tmp_path / "ids.pt"),
-            str(tmp_path / "logits.pt"),
-        ],
-        check=True,
-    )
-    reloaded = torch.load(tmp_path / "logits.pt")
+    reloaded = stock_reload_logits(base_dir, adapter_dir, tmp_path)
     assert (reloaded - expected).abs().max().item() <= 1e-5
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -116,19 +111,7 @@ def test_adapter_saved_during_the_warmup_reloads_to_the_model_being_trained(tmp_
     omega = seen["omega"]
     assert int(omega.eq(0).sum()) == 9 and (omega[omega.ne(0)] - 1).abs().max() > 0.05  # the fold matters
 
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            STOCK_RELOAD,
-            str(base_dir),
-            str(adapter_dir),
-            str(tmp_path / "ids.pt"),
-            str(tmp_path / "logits.pt"),
-        ],
-        check=True,
-    )
-    assert (torch.load(tmp_path / "logits.pt") - seen["logits"]).abs().max().item() <= 1e-5
+    assert (stock_reload_logits(base_dir, adapter_dir, tmp_path) - seen["logits"]).abs().max().item() <= 1e-5
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert not {"k", "selection_steps", "omega_lr", "plus", "reinit", "selection"} & set(config)
     assert len(config["target_modules"]) == 14 and read_selection(adapter_dir).switched is False

@@ -3,39 +3,14 @@
 import bitsandbytes as bnb
 import pytest
 import torch
-from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from trl import SFTConfig
 
-from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
+from tests.testing_utils import addition_lm_dataset, cpu_args, sft_args, sums_dataset, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer, WeightLoraTrainer
 from wlora_trl.surgery import innermost_optimizer
 
 IDS = torch.arange(3, 35).reshape(2, 16)
-
-
-def _sums_dataset():
-    pairs = [(a, b) for a in range(9) for b in range(9)]
-    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "completion": [str(a + b) for a, b in pairs]})
-
-
-def _sft_args(path, **overrides):
-    kwargs = dict(
-        max_steps=6,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return SFTConfig(str(path), **kwargs)
 
 
 def _logits(model):
@@ -50,8 +25,8 @@ def test_8bit_base_through_switch_and_export(tmp_path, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=int8, device_map="cpu")
     trainer = WeightLoraSFTTrainer(
         model=model,
-        args=_sft_args(tmp_path / "run"),
-        train_dataset=_sums_dataset(),
+        args=sft_args(tmp_path / "run"),
+        train_dataset=sums_dataset(),
         processing_class=tokenizer,
         peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
     )
@@ -156,7 +131,7 @@ def test_fp16_grad_scaler_unscales_omega_and_skips_with_the_step(tmp_path, optim
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_selection(tmp_path, tokenizer, use_reentrant):
     def omega_at_switch(path, checkpointing):
-        args = _sft_args(
+        args = sft_args(
             path,
             gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": use_reentrant} if checkpointing else None,
@@ -164,7 +139,7 @@ def test_gradient_checkpointing_gives_the_same_selection(tmp_path, tokenizer, us
         trainer = WeightLoraSFTTrainer(
             model=tiny_llama(),
             args=args,
-            train_dataset=_sums_dataset(),
+            train_dataset=sums_dataset(),
             processing_class=tokenizer,
             peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=4),
         )

@@ -1,37 +1,18 @@
 """WeightLoraSFTTrainer as a drop-in for trl.SFTTrainer, and omega under gradient accumulation."""
 
 import torch
-from datasets import Dataset
-from trl import SFTConfig
 
-from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
+from tests.testing_utils import addition_lm_dataset, cpu_args, sft_args, sums_dataset, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer, WeightLoraTrainer
 from wlora_trl.state import read_selection
 
 
-def _sums_dataset():
-    pairs = [(a, b) for a in range(9) for b in range(9)]
-    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "completion": [str(a + b) for a, b in pairs]})
-
-
 def test_sft_trainer_is_a_drop_in(tmp_path, tokenizer):
-    args = SFTConfig(
-        str(tmp_path),
-        max_steps=8,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-    )
+    args = sft_args(tmp_path, max_steps=8)
     trainer = WeightLoraSFTTrainer(
         model=tiny_llama(),
         args=args,
-        train_dataset=_sums_dataset(),
+        train_dataset=sums_dataset(),
         processing_class=tokenizer,
         peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
     )

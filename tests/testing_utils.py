@@ -124,3 +124,33 @@ def expected_lora_count(ranks: dict[str, int], model: torch.nn.Module) -> int:
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # dropped: plain Linear
         total += rank * (base.in_features + base.out_features)
     return total
+
+
+def sums_dataset() -> Dataset:
+    """81 prompt/completion rows 'a+b=' -> 'a+b' (TRL's prompt-completion format) for SFTTrainer tests."""
+    pairs = [(a, b) for a in range(9) for b in range(9)]
+    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "completion": [str(a + b) for a, b in pairs]})
+
+
+def sft_args(output_dir, trl_defaults: bool = False, **overrides):
+    """An SFTConfig for tiny CPU runs. TRL's bf16 and gradient checkpointing defaults are turned off, unless
+    `trl_defaults` keeps them (on a GPU)."""
+    from trl import SFTConfig
+
+    kwargs = dict(
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    if trl_defaults:
+        del kwargs["bf16"], kwargs["gradient_checkpointing"]
+    kwargs.update(overrides)
+    return SFTConfig(str(output_dir), **kwargs)

@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, TrainingArguments
 
-from tests.testing_utils import addition_lm_dataset, char_tokenizer, tiny_llama
+from tests.testing_utils import addition_lm_dataset, char_tokenizer, cpu_args, sft_args, sums_dataset, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraSFTTrainer, WeightLoraTrainer
 from wlora_trl.state import read_selection
 from wlora_trl.surgery import innermost_optimizer
@@ -30,21 +30,7 @@ WORKER = Path(__file__).parent / "nccl_worker.py"
 
 
 def _args(path, device, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=device == "cpu",
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(str(path), **kwargs)
+    return cpu_args(path, **{"max_steps": 8, "use_cpu": device == "cpu", **overrides})
 
 
 def _config(**overrides) -> WeightLoraConfig:
@@ -319,26 +305,11 @@ def test_one_process_torchrun_takes_the_ddp_rewrap_path(tmp_path, device):
 
 
 def test_sft_trainer_end_to_end(tmp_path, device):
-    from datasets import Dataset
-    from trl import SFTConfig
-
-    pairs = [(a, b) for a in range(9) for b in range(9)]
-    data = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "completion": [str(a + b) for a, b in pairs]})
+    data = sums_dataset()
     base_dir = tmp_path / "base"
     tiny_llama().save_pretrained(base_dir)
     # SFTConfig's own defaults: bf16=True, gradient_checkpointing=True.
-    args = SFTConfig(
-        str(tmp_path / "run"),
-        max_steps=8,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=device == "cpu",
-    )
+    args = sft_args(tmp_path / "run", trl_defaults=True, max_steps=8, use_cpu=device == "cpu")
     assert args.bf16 and args.gradient_checkpointing
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to(device)
     trainer = WeightLoraSFTTrainer(

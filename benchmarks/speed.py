@@ -18,7 +18,8 @@ Variants, each an optimizer step (forward, backward, AdamW step) on the same bat
   lora_same       plain LoRA placed from the start on exactly the kept modules
   plus_switched   WeightLoRA+ after the switch (K = n/2, rank 2r)          target <= 1.05 x lora
 plus the wall time of the switch itself (target < 1 s). With `--dtype bfloat16` on CUDA the steps run under bf16
-autocast, as the Trainer's `bf16=True` does (PEFT keeps the adapters in fp32); `--autocast off` runs without.
+autocast, as the Trainer's `bf16=True` does (PEFT keeps the adapters in fp32), and so do CPU runs where the CPU has
+native bf16 (as the recipes default to); `--autocast off` runs without.
 
 Timing: the variants' steps are interleaved round by round in one process, so drift and background load hit all of
 them alike; the median over rounds is reported. Memory: on CUDA, peak allocated bytes per variant in this process;
@@ -201,12 +202,15 @@ def build(variant: str, base, args, warmup_batch, kept_names=None) -> tuple[Vari
 
 
 def autocast_dtype(args) -> torch.dtype | None:
-    """bf16 autocast for bf16 runs on CUDA (what the Trainer's bf16=True does), unless --autocast says otherwise."""
-    if args.autocast == "on" or (
-        args.autocast == "auto" and args.device.startswith("cuda") and args.dtype == "bfloat16"
-    ):
-        return torch.bfloat16
-    return None
+    """bf16 autocast where the recipes use it (the Trainer's bf16=True): bf16 runs on CUDA, and CPUs with native bf16
+    (2.2x faster than fp32 there); --autocast on/off overrides."""
+    from wlora_trl.recipes.common import cpu_has_native_bf16
+
+    if args.autocast == "auto":
+        on_cuda = args.device.startswith("cuda")
+        native = (on_cuda and args.dtype == "bfloat16") or (not on_cuda and cpu_has_native_bf16())
+        return torch.bfloat16 if native else None
+    return torch.bfloat16 if args.autocast == "on" else None
 
 
 def sync(device: str) -> None:

@@ -153,3 +153,24 @@ def test_gradient_checkpointing_gives_the_same_selection(tmp_path, tokenizer, us
     checkpointed = omega_at_switch(tmp_path / "ckpt", checkpointing=True)
     assert bool(plain.ne(1).any())
     torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
+
+
+def test_cpu_bf16_autocast_keeps_omega_fp32_and_the_selection_deterministic(tmp_path):
+    """The recipes now train under bf16 autocast on CPUs with native bf16: omega's arithmetic stays fp32 and two
+    identical runs select identically."""
+
+    def omega_at_switch(path):
+        cfg = WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=4, init_lora_weights="gaussian")
+        trainer = WeightLoraTrainer(
+            tiny_llama(), cpu_args(path, bf16=True, max_steps=6), train_dataset=addition_lm_dataset(), peft_config=cfg
+        )
+        seen = []
+        switch = trainer._switch
+        trainer._switch = lambda: (seen.append(trainer.weight_lora.omega.detach().clone()), switch())
+        assert all(p.dtype == torch.float32 for p in trainer.weight_lora.omega_parameters())
+        trainer.train()
+        return seen[0], [a.module for a in trainer.weight_lora.adapters if a.kept]
+
+    first, second = omega_at_switch(tmp_path / "a"), omega_at_switch(tmp_path / "b")
+    assert first[0].dtype == torch.float32 and bool(first[0].ne(1).any())
+    assert torch.equal(first[0], second[0]) and first[1] == second[1]

@@ -187,8 +187,8 @@ def test_sft_parser_defaults_and_yaml(tmp_path):
     config = common.build_peft_config(script_args, **common.lora_kwargs(model_args))
     assert config.target_modules == "all-linear" and config.k == 0.5 and not config.plus
     if not torch.cuda.is_available():
-        # SFTConfig would default both to True; the recipe turns them off on CPU unless asked.
-        assert training_args.bf16 is False and training_args.gradient_checkpointing is False
+        # On a CPU: bf16 autocast exactly where it is native (2.2x faster), never gradient checkpointing.
+        assert training_args.bf16 is common.cpu_has_native_bf16() and training_args.gradient_checkpointing is False
 
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
@@ -397,3 +397,31 @@ def test_sft_command_refusal_is_one_message_not_two_tracebacks(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: " in done.stderr and str(tmp_path / "gsm8k" / "train.jsonl") in done.stderr
     assert "Traceback" not in done.stderr and "CalledProcessError" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n", False),
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm (Graviton 3, Neoverse V1)
+        ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+    ],
+)
+def test_native_bf16_detection(tmp_path, cpuinfo, native):
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert common.cpu_has_native_bf16(str(tmp_path / "cpuinfo")) is native
+    assert common.cpu_has_native_bf16(str(tmp_path / "missing")) is False
+
+
+def test_bf16_default_follows_the_cpu_and_an_explicit_flag_wins(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU default")
+    for native in (True, False):
+        monkeypatch.setattr(common, "cpu_has_native_bf16", lambda native=native: native)
+        _, training_args, _ = sft.make_parser().parse_args_and_config([])
+        assert training_args.bf16 is native and training_args.use_cpu is native  # transformers wants use_cpu said
+        _, training_args, _ = classify_boolq.make_parser().parse_args_and_config([])
+        assert training_args.bf16 is native
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    assert sft.make_parser().parse_args_and_config(["--bf16", "false"])[1].bf16 is False

@@ -75,6 +75,17 @@ class BoolQRecipeConfig(TrainingArguments):
     save_strategy: str = field(
         default="no", metadata={"help": "Checkpoints during training; the final adapter is saved anyway."}
     )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Default: on with a GPU or a CPU with native bf16, unless --fp16; off on "
+            "other CPUs."
+        },
+    )
+
+    def __post_init__(self):
+        common.resolve_bf16_default(self)
+        super().__post_init__()
 
 
 def make_parser() -> TrlParser:

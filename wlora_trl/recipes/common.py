@@ -133,6 +133,37 @@ def write_summary(trainer, output_dir: str, summary: dict, results: dict, metric
     trainer.accelerator.print(f"Saved to {output_dir}: {saved} (+ adapter_config.json). {closing}")
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16, Arm's BF16), as /proc/cpuinfo says.
+
+    There, bf16 autocast makes a SmolLM2-135M LoRA step 2.2x faster than fp32 (1.13 s against 2.45 s on this
+    project's 2-core AMD EPYC); without the instructions it is slower than fp32. False where /proc/cpuinfo is absent.
+    """
+    try:
+        with open(cpuinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    flags = set()
+    for line in lines:
+        if line.startswith(("flags", "Features")):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_bf16_default(training_args) -> None:
+    """Give `training_args.bf16` left at None the recipes' default: on for a CUDA GPU and for a CPU with native bf16,
+    never with fp16. transformers accepts bf16 on a CPU only with `use_cpu=True`, so that is set where no GPU is."""
+    import torch
+
+    if training_args.bf16 is not None:
+        return
+    on_gpu = torch.cuda.is_available() and not training_args.use_cpu
+    training_args.bf16 = (on_gpu or cpu_has_native_bf16()) and not training_args.fp16
+    if training_args.bf16 and not on_gpu:
+        training_args.use_cpu = True
+
+
 def let_optional_bools_stand_alone(parser) -> None:
     """Make `--bf16` (and every other `bool | None` flag) work without a value, like `--fp16` does.
 

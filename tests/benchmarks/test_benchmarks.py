@@ -37,61 +37,49 @@ QUALITY = SPEED.parent / "quality.py"
 
 
 def test_quality_benchmark_smoke(tmp_path):
-    """The quality benchmark end to end on the real SmolLM2 and GSM8K with a tiny budget: two methods over two
-    seeds, a one-point K sweep, and lm-eval exact match on one question. Checks the JSON the README table reads."""
+    """The quality study end to end on the real SmolLM2 and GSM8K with a tiny budget: LoRA, WeightLoRA and its
+    reinit=False arm over two seeds and the omega_lr sweep. Checks the committed-record resume (a second sitting
+    trains nothing), the paired differences and the tables the README shows."""
     from wlora_trl._offline.data import resolve_data_dir
 
     if resolve_data_dir() is None:
         pytest.skip("no local data folder (shared/data or WLORA_TRL_DATA_DIR)")
-    out = tmp_path / "quality.json"
+    out, runs = tmp_path / "quality.json", tmp_path / "runs"
     flags = [
-        "--seeds",
-        "0",
-        "1",
-        "--methods",
-        "lora",
-        "weightlora",
-        "--max_steps",
-        "3",
-        "--selection_steps",
-        "2",
-        "--batch_size",
-        "1",
-        "--max_length",
-        "128",
-        "--train_samples",
-        "8",
-        "--heldout_samples",
-        "2",
-        "--em_limit",
-        "1",
-        "--sweep",
-        "--sweep_k",
-        "0.25",
-        "--sweep_T",
-        "--work_dir",
-        str(tmp_path / "work"),
-        "--output",
-        str(out),
-    ]
+        "--seeds", "0", "1", "--arms", "lora", "weightlora", "weightlora_keep", "--max_steps", "3",
+        "--selection_steps", "2", "--batch_size", "1", "--max_length", "128", "--train_samples", "8",
+        "--heldout_samples", "2", "--sweeps", "omega_lr", "--runs_dir", str(runs), "--work_dir", str(tmp_path / "work"),
+        "--output", str(out),
+    ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(QUALITY), *flags], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    records = sorted(p.name for p in runs.iterdir())
+    assert records == sorted(
+        [f"{arm}_seed{seed}.json" for arm in ("lora", "weightlora", "weightlora_keep") for seed in (0, 1)]
+        + ["weightlora_omegalr10_seed0.json", "weightlora_omegalr1000_seed0.json"]
+    )
     result = json.loads(out.read_text())
     summary = result["summary"]
-    for name in ("lora", "weightlora"):
+    for name in ("lora", "weightlora", "weightlora_keep"):
         losses = summary[name]["heldout_loss"]["values"]
         assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
-        assert [0 <= em <= 1 for em in summary[name]["exact_match"]["values"]] == [True, True]
+    lora, keep = summary["lora"]["heldout_loss"]["values"], summary["weightlora_keep"]["heldout_loss"]["values"]
+    assert summary["weightlora_keep"]["vs_lora_paired"]["values"] == pytest.approx(
+        [k - lo for k, lo in zip(keep, lora)]
+    )
     # SmolLM2: 210 adapters of rank 8; WeightLoRA keeps 105 of them, so it trains fewer parameters than LoRA.
-    assert 0 < summary["weightlora"]["trainable_parameters"] < summary["lora"]["trainable_parameters"]
-    assert summary["lora"]["kept_jaccard_across_seeds"] is None
+    assert 0 < summary["weightlora"]["trainable_parameters"]["mean"] < summary["lora"]["trainable_parameters"]["mean"]
     assert 0 <= summary["weightlora"]["kept_jaccard_across_seeds"] <= 1
-    kept = [run["kept"] for run in result["runs"]["weightlora"]]
-    assert [len(k) for k in kept] == [105, 105]
-    assert len(result["sweeps"]["k"]["0.25"]["kept"]) == 52 and result["sweeps"]["k"]["0.5"]["kept"] == kept[0]
-    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert set(result["sweeps"]["omega_lr"]) == {"omega_lr = 10", "omega_lr = 100", "omega_lr = 1000"}
     table = out.with_suffix(".md").read_text()
     loss = summary["weightlora"]["heldout_loss"]
-    assert f"| weightlora | {loss['mean']:.4f} ± {loss['std']:.4f} |" in table
-    assert "| 0.25 |" in table and "| 0.5 |" in table  # the K sweep's points
+    assert f"| weightlora | {loss['mean']:.4f} ± {loss['std']:.4f} |" in table and "| omega_lr = 1000 |" in table
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    # A second sitting finds every run recorded: nothing trains, and the tables come out the same.
+    before = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
+    again = subprocess.run([sys.executable, str(QUALITY), *flags], capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "===" not in again.stdout, again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before
+    assert out.with_suffix(".md").read_text() == table

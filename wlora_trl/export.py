@@ -7,7 +7,8 @@ in the warm-up (a checkpoint at a step <= T, or `save_model` mid-run) therefore 
 - `adapter_config.json`: a stock LoRA config (no WeightLoRA fields; target_modules = every adapted module's name);
 - `weight_lora_warmup_adapter.safetensors`: the adapter weights as they are (unfolded), which resuming loads back:
   an adapter at omega_i = 0 keeps its weights and may re-enter the selection later, so folding must not lose them.
-After the switch the model is plain LoRA and PEFT's files need nothing.
+After the switch the model is plain LoRA and PEFT's files need nothing, unless a serving engine wants every
+projection type in every layer: `pad_adapter` writes that copy (zeros where an adapter was dropped).
 """
 
 from __future__ import annotations
@@ -94,3 +95,51 @@ def restore_warmup_weights(directory: str | os.PathLike, weight_lora) -> bool:
     if unexpected:
         raise ValueError(f"{path} holds weights this model does not have: {unexpected[:3]}")
     return True
+
+
+def pad_adapter(source: str | os.PathLike, target: str | os.PathLike) -> str:
+    """Copy the adapter in `source` to `target` with an adapter on every (layer, projection) that was targeted: the
+    dropped ones get zero weights at the kept rank, so the function is unchanged.
+
+    For serving engines that want every projection type in every layer (TGI / LoRAX drop a projection type's LoRA in
+    every layer when one layer lacks it; older SGLang failed without one of q/k/v). Needs the `selection.json`
+    beside the adapter (format 2 or later: it records each layer's shape) and one rank for all kept adapters.
+    Returns `target`. `source` and `target` may be the same folder.
+    """
+    import shutil
+
+    from .state import read_selection
+
+    source, target = os.fspath(source), os.fspath(target)
+    report = read_selection(source)
+    if not report.switched:
+        raise ValueError(f"{source} was saved before the switch: every adapter is still there, nothing to pad.")
+    if any(a.in_features is None for a in report.adapters):
+        raise ValueError(
+            f"{source}/selection.json predates format 2 and does not record the layers' shapes; save the adapter again "
+            "with this version (WeightLoraModel.report()) to pad it."
+        )
+    ranks = {a.rank for a in report.adapters if a.kept}
+    if len(ranks) != 1:
+        raise ValueError(f"the kept adapters have ranks {sorted(ranks)}; padding needs one rank (no rank_pattern).")
+    (rank,) = ranks
+    weights_path = os.path.join(source, ADAPTER_WEIGHTS[0])
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"padding reads {ADAPTER_WEIGHTS[0]}; {source} has none")
+    weights = load_file(weights_path)
+    dtype = next(iter(weights.values())).dtype
+    for adapter in report.adapters:
+        if adapter.kept:
+            continue
+        prefix = f"base_model.model.{adapter.module}"
+        weights[f"{prefix}.lora_A.weight"] = torch.zeros(rank, adapter.in_features, dtype=dtype)
+        weights[f"{prefix}.lora_B.weight"] = torch.zeros(adapter.out_features, rank, dtype=dtype)
+    with open(os.path.join(source, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    config.update(target_modules=[a.module for a in report.adapters], rank_pattern={}, alpha_pattern={}, r=rank)
+    if os.path.realpath(source) != os.path.realpath(target):
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    save_file(weights, os.path.join(target, ADAPTER_WEIGHTS[0]), metadata={"format": "pt"})
+    with open(os.path.join(target, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return target

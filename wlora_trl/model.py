@@ -164,6 +164,8 @@ class WeightLoraModel:
                 "target_modules (e.g. target_modules='all-linear')."
             )
         self.module_names = [name for name, _ in layers]
+        # Each adapted layer's (in_features, out_features), recorded in selection.json for reports and exports.
+        self.shapes = {name: (int(layer.in_features), int(layer.out_features)) for name, layer in layers}
         self.num_adapters = len(layers)
         self.k = config.resolve_k(self.num_adapters)
         self.selection_steps: int | None = None
@@ -318,7 +320,7 @@ class WeightLoraModel:
                 if index not in kept_set:
                     drop_adapter(self.base, name)
                     replacements.update({id(p): [] for p in old_params})
-                    infos.append(AdapterRecord(index, name, omega[index], kept=False, rank=0))
+                    infos.append(AdapterRecord(index, name, omega[index], False, 0, *self.shapes[name]))
                     continue
                 old_rank = layer.r[self.adapter_name]
                 rank = 2 * old_rank if cfg.plus else old_rank
@@ -335,7 +337,7 @@ class WeightLoraModel:
                 for old, new in zip(old_params, adapter_parameters(layer, self.adapter_name)):
                     replacements[id(old)] = [new]
                 ranks[name], alphas[name] = rank, alpha
-                infos.append(AdapterRecord(index, name, omega[index], kept=True, rank=rank))
+                infos.append(AdapterRecord(index, name, omega[index], True, rank, *self.shapes[name]))
 
         self.model.peft_config[self.adapter_name] = stock_lora_config(cfg, list(ranks), ranks, alphas)
         setattr(self.model, SWITCHED_MARK, True)
@@ -371,7 +373,9 @@ class WeightLoraModel:
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
             adapters = [
-                AdapterRecord(i, name, omega[i], kept=False, rank=self.base.get_submodule(name).r[self.adapter_name])
+                AdapterRecord(
+                    i, name, omega[i], False, self.base.get_submodule(name).r[self.adapter_name], *self.shapes[name]
+                )
                 for i, name in enumerate(self.module_names)
             ]
         cfg = self.config

@@ -3,8 +3,9 @@
 It is the run's transparency report (n, K, T, every adapter's module, final omega, kept or not, rank after the
 switch) and the state a checkpoint resumes from: omega's fp32 values survive the JSON round trip exactly.
 `SelectionReport` / `AdapterRecord` are its one typed form; `write_selection` / `read_selection` its only writer and
-reader. Format versions: 1 adds `format_version`, `wlora_trl_version` and `omega_steps`; files without them (v0.1)
-still read and resume.
+reader. Format versions: 1 added `format_version`, `wlora_trl_version` and `omega_steps`; 2 adds each adapter's
+`in_features` / `out_features` (what a report or a padded export needs without the base model). Older files still
+read and resume.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ import os
 from dataclasses import dataclass, field
 
 SELECTION_FILE = "selection.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class AdapterRecord:
     """One adapter's fate: its index and module, final omega (None without omega), whether kept, rank after the
-    switch (its rank before it, until the switch; 0 when dropped)."""
+    switch (its rank before it, until the switch; 0 when dropped), and its layer's shape (None in files before v2)."""
 
     index: int
     module: str
     omega: float | None
     kept: bool
     rank: int
+    in_features: int | None = None
+    out_features: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,6 +43,8 @@ class AdapterRecord:
             omega=data["omega"],
             kept=bool(data["kept"]),
             rank=int(data["rank"]),
+            in_features=data.get("in_features"),
+            out_features=data.get("out_features"),
         )
 
 
@@ -173,14 +178,19 @@ def selection_grid(report: SelectionReport) -> dict:
     }
 
 
-def kept_by_projection(report: SelectionReport) -> str:
-    """'q_proj 14/30, k_proj 9/30, ...': the kept count per projection type, in model order."""
+def kept_per_projection(report: SelectionReport) -> dict[str, tuple[int, int]]:
+    """{projection label: (kept, present)}, in model order."""
     grid = selection_grid(report)
-    parts = []
+    counts = {}
     for column, label in enumerate(grid["labels"]):
         cells = [row[column] for row in grid["kept"] if row[column] is not None]
-        parts.append(f"{label} {sum(cells)}/{len(cells)}")
-    return ", ".join(parts)
+        counts[label] = (sum(cells), len(cells))
+    return counts
+
+
+def kept_by_projection(report: SelectionReport) -> str:
+    """'q_proj 14/30, k_proj 9/30, ...': the kept count per projection type, in model order."""
+    return ", ".join(f"{label} {kept}/{present}" for label, (kept, present) in kept_per_projection(report).items())
 
 
 def switch_summary(report: SelectionReport) -> str:

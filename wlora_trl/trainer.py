@@ -23,6 +23,7 @@ other variants), `load_best_model_at_end` refused (checkpoints on either side of
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -31,12 +32,14 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
+from .card import write_model_card
 from .config import CITATION, WeightLoraConfig
 from .distributed import check_ranks_agree, ddp_inside, rewrap_ddp
-from .export import export_warmup_adapter, restore_warmup_weights
+from .export import export_warmup_adapter, pad_adapter, restore_warmup_weights
 from .model import WeightLoraModel
-from .state import read_selection, write_selection
+from .state import kept_per_projection, read_selection, write_selection
 from .surgery import innermost_optimizer
+from .trackers import log_heatmap_to_trackers
 
 
 def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
@@ -201,11 +204,15 @@ class WeightLoraMixin:
             self.model_wrapped = rewrap_ddp(self.accelerator, self.model, self.model_wrapped)
         # At the default log level, on the main process only: the one event of the run a user must not miss.
         self.accelerator.print(f"WeightLoRA switch at step {self.state.global_step + 1}: {self.weight_lora.summary()}")
+        report = self.weight_lora.report(self.state.global_step)
         self._weight_lora_logs = {
             "weight_lora/kept_adapters": self.weight_lora.k,
             "weight_lora/total_adapters": self.weight_lora.num_adapters,
             **{f"weight_lora/omega_steps_{outcome}": count for outcome, count in self.weight_lora.omega_steps.items()},
+            **{f"weight_lora/kept/{projection}": kept for projection, (kept, _) in kept_per_projection(report).items()},
         }
+        if self.is_world_process_zero():
+            log_heatmap_to_trackers(self.callback_handler.callbacks, report, self.state.global_step + 1)
 
     # --- guard rails for multi-process runs ----------------------------------------------------------------------
 
@@ -238,7 +245,11 @@ class WeightLoraMixin:
 
     # --- saving and resuming ------------------------------------------------------------------------------------
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, padded: bool = False) -> None:
+        """The stock PEFT adapter plus `selection.json`, the selection heatmap (with matplotlib) and a model card.
+
+        `padded=True`: an adapter on every targeted (layer, projection), zeros where one was dropped, for serving
+        engines that want that shape (see `export.pad_adapter`)."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             directory = output_dir or self.args.output_dir
@@ -246,7 +257,23 @@ class WeightLoraMixin:
                 # During the warm-up: fold omega into the saved lora_B and write a stock config, so the file is
                 # the model being trained; keep the unfolded weights beside it for resuming.
                 export_warmup_adapter(directory, self.weight_lora)
-            write_selection(directory, self.weight_lora.report(self.state.global_step))
+            report = self.weight_lora.report(self.state.global_step)
+            write_selection(directory, report)
+            _try_heatmap(report, directory)
+            self._write_card(directory, report)
+            if padded:
+                pad_adapter(directory, directory)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        # TRL writes its card into output_dir at every checkpoint, and both libraries at push_to_hub: write ours, which
+        # says what WeightLoRA selected and carries the paper's citation.
+        if self.is_world_process_zero():
+            self._write_card(self.args.output_dir, self.weight_lora.report(self.state.global_step))
+
+    def _write_card(self, directory: str, report) -> None:
+        config = self.weight_lora.model.peft_config[self.weight_lora.adapter_name]
+        task = getattr(config.task_type, "value", config.task_type)
+        write_model_card(directory, report, config.base_model_name_or_path, task)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Rebuild the checkpoint's structure (and omega) first: the Trainer loads adapter weights into the current
@@ -256,6 +283,16 @@ class WeightLoraMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if not self.weight_lora.switched:
             restore_warmup_weights(resume_from_checkpoint, self.weight_lora)
+
+
+def _try_heatmap(report, directory: str) -> None:
+    """The selection heatmap beside selection.json, when matplotlib is installed (an optional dependency)."""
+    try:
+        from .plotting import HEATMAP_FILE, plot_selection_heatmap
+
+        plot_selection_heatmap(report, os.path.join(directory, HEATMAP_FILE))
+    except ImportError:
+        pass
 
 
 _REFUSALS = """
@@ -345,6 +382,6 @@ class WeightLoraSFTTrainer(WeightLoraMixin, SFTTrainer):
     )
 
     # What TRL's model card (written with every checkpoint) says about the run.
-    _tag_names = ["trl", "sft", "weight-lora"]
+    _tag_names = ["trl", "sft", "weightlora"]
     _name = "WeightLoRA SFT"
     _paper = {"title": "WeightLoRA: Keep Only Necessary Adapters", "id": "2506.02724", "citation": CITATION}

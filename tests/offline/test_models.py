@@ -215,3 +215,16 @@ def test_which_copy_was_loaded_is_said_once(converted, monkeypatch, capsys):
     resolve_model("smollm2-135m-instruct")
     err = capsys.readouterr().err
     assert err.count("smollm2-135m-instruct -> the packaged copy") == 1 and "not the hub's bf16" in err
+
+
+def test_public_name_is_what_others_can_load(converted, monkeypatch, tmp_path):
+    """Adapters record the base by this name: the hub id for a packaged copy (its alias, its hub id, its folder),
+    anything else unchanged; it never converts anything."""
+    cache, path, _ = converted
+    monkeypatch.setenv("WLORA_TRL_CACHE", str(cache))
+    from wlora_trl._offline.models import public_name
+
+    assert public_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_name(str(path)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_name(str(minilm_path())) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert public_name(str(tmp_path)) == str(tmp_path) and public_name("gpt2") == "gpt2"

@@ -134,6 +134,12 @@ def test_sft_gsm8k_end_to_end(tmp_path, capsys):
     assert {name.rsplit(".", 1)[1] for name in kept} <= PROJECTIONS
 
     check_png(out / "selection_heatmap.png", min_width=600, min_height=900)
+    # The adapter names its base by the id everyone can load, not a path under this machine's cache, and explains
+    # itself in its model card.
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()
+    assert summary["files"]["model_card"] == str(out / "README.md")
 
     # The evaluation table: finite numbers before and after, in the JSON, the Markdown and the return value.
     results = json.loads((out / "eval_results.json").read_text())

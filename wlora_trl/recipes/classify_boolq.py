@@ -158,6 +158,7 @@ def main(script_args: BoolQScriptArguments, training_args: TrainingArguments, mo
         trainer = Trainer(model=get_peft_model(model, peft_config), **shared)
     else:
         trainer = WeightLoraTrainer(model=model, peft_config=peft_config, **shared)
+    common.record_public_base(trainer, model_name)
     timings = {"setup": time.perf_counter() - start}
 
     results = {}

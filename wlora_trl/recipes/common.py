@@ -11,8 +11,10 @@ from typing import Literal
 
 from peft import LoraConfig
 
+from .._offline.models import public_name
+from ..card import CARD_FILE
 from ..config import WeightLoraConfig
-from ..plotting import HEATMAP_FILE, plot_selection_heatmap
+from ..plotting import HEATMAP_FILE
 from ..state import SELECTION_FILE, kept_by_projection
 from .quick_eval import results_table, write_results
 
@@ -104,16 +106,24 @@ def lora_kwargs(model_args, **overrides) -> dict:
     return kwargs
 
 
+def record_public_base(trainer, model_name: str) -> None:
+    """Make the saved adapters record the base model by the name others can load (the hub id of a packaged copy,
+    not a path under this machine's cache); offline loading maps it back (`_offline.models.resolve_model`)."""
+    for config in trainer.model.peft_config.values():
+        config.base_model_name_or_path = public_name(model_name)
+
+
 def record_selection(trainer, output_dir: str, summary: dict) -> None:
-    """On the main process, after `save_model`: the kept counts into `summary`, the heatmap beside selection.json,
-    and one line per projection type (nothing for the plain-LoRA baseline)."""
+    """On the main process, after `save_model` (which wrote selection.json, the heatmap and the model card): the kept
+    counts and those files into `summary`, and one line per projection type (nothing for the plain-LoRA baseline)."""
     weight_lora = getattr(trainer, "weight_lora", None)
     if weight_lora is None or not trainer.accelerator.is_main_process:
         return
     report = weight_lora.report(trainer.state.global_step)
     summary.update(kept_adapters=weight_lora.k, total_adapters=weight_lora.num_adapters)
-    summary["files"]["selection"] = os.path.join(output_dir, SELECTION_FILE)
-    summary["files"]["heatmap"] = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
+    for key, name in (("selection", SELECTION_FILE), ("heatmap", HEATMAP_FILE), ("model_card", CARD_FILE)):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            summary["files"][key] = os.path.join(output_dir, name)
     trainer.accelerator.print(
         f"WeightLoRA kept {weight_lora.k} of {weight_lora.num_adapters} adapters; per projection: "
         f"{kept_by_projection(report)}"

@@ -261,6 +261,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             "there is no held-out loss to measure. Raise --max_length (a GSM8K question with its answer takes about "
             "320 tokens with SmolLM2's tokenizer and chat template), or pass --heldout_loss_samples 0."
         )
+    common.record_public_base(trainer, model_args.model_name_or_path or SMOLLM2_LOCAL)
     questions = test_examples[: script_args.exact_match_samples]
     timings["setup"] = time.perf_counter() - start
 

@@ -1,0 +1,111 @@
+"""What a user publishes: the model card, the padded export for serving engines, `wlora-trl report`, and the
+selection in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from tests.test_export import STOCK_RELOAD
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
+from wlora_trl import WeightLoraConfig, WeightLoraTrainer
+from wlora_trl.cli import main as cli_main
+from wlora_trl.plotting import HEATMAP_FILE
+
+IDS = torch.arange(3, 35).reshape(2, 16)
+
+
+def _trained(tmp_path, **args):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    cfg = WeightLoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", selection_steps=3, init_lora_weights="gaussian"
+    )
+    trainer = WeightLoraTrainer(
+        AutoModelForCausalLM.from_pretrained(base_dir), cpu_args(tmp_path / "run", max_steps=6, **args),
+        train_dataset=addition_lm_dataset(), peft_config=cfg,
+    )  # fmt: skip
+    trainer.train()
+    return trainer, base_dir
+
+
+def _stock_logits(base_dir, adapter_dir, tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.save(IDS, tmp_path / "ids.pt")
+    command = [sys.executable, "-c", STOCK_RELOAD, str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt")]
+    subprocess.run([*command, str(tmp_path / "logits.pt")], check=True)
+    return torch.load(tmp_path / "logits.pt")
+
+
+def test_the_model_card_explains_the_adapter(tmp_path):
+    trainer, base_dir = _trained(tmp_path)
+    trainer.save_model(str(tmp_path / "adapter"))
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "[More Information Needed]" not in card  # not PEFT's empty template
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card and "- weightlora" in card
+    assert "**WeightLoRA**" in card and "arxiv.org/abs/2506.02724" in card and "@inproceedings{veprikov2026" in card
+    assert "| kept (K) | 7 |" in card and "| adapters considered (n) | 14 |" in card
+    assert "| kept per projection | q_proj " in card and "PeftModel.from_pretrained" in card
+    assert f"]({HEATMAP_FILE})" in card and (tmp_path / "adapter" / HEATMAP_FILE).is_file()
+    assert "wlora-trl export --padded" in card and "trainable parameters" in card
+    # TRL and transformers write a card into output_dir at checkpoints and push_to_hub: ours.
+    trainer.create_model_card()
+    assert "**WeightLoRA**" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_minimal_export_has_no_patterns_and_the_padded_one_every_pair_with_the_same_function(tmp_path):
+    trainer, base_dir = _trained(tmp_path)
+    trainer.save_model(str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert not config.get("rank_pattern") and not config.get("alpha_pattern")  # one rank: vLLM and llama.cpp read r
+    assert len(config["target_modules"]) == 7
+
+    assert cli_main(["export", "--padded", str(tmp_path / "adapter"), str(tmp_path / "padded")]) == 0
+    padded = json.loads((tmp_path / "padded" / "adapter_config.json").read_text())
+    pairs = {(layer, projection) for layer in range(2)
+             for projection in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}  # fmt: skip
+    assert {(int(m.split(".")[2]), m.rsplit(".", 1)[-1]) for m in padded["target_modules"]} == pairs
+    with safe_open(str(tmp_path / "padded" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert len(keys) == 2 * 14 and not padded.get("rank_pattern")
+    minimal = _stock_logits(base_dir, tmp_path / "adapter", tmp_path / "a")
+    with_padding = _stock_logits(base_dir, tmp_path / "padded", tmp_path / "b")
+    with torch.no_grad():
+        trained = trainer.model.eval()(input_ids=IDS).logits
+    assert (with_padding - trained).abs().max() <= 1e-5 and (minimal - trained).abs().max() <= 1e-5
+
+
+def test_report_command_renders_a_run_done_elsewhere(tmp_path, capsys):
+    trainer, _ = _trained(tmp_path)
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert cli_main(["report", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "selection_report.md").read_text()
+    assert text.startswith("# WeightLoRA: kept 7 of 14 adapters") and "| 0 |" in text and "| 1 |" in text
+    assert "Parameters: " in text and "against" in text and "exactly 0 (thresholded out)" in text
+    assert (tmp_path / "report" / HEATMAP_FILE).read_bytes()[:4] == b"\x89PNG"
+    try:
+        cli_main(["report", str(tmp_path / "nothing-here")])
+        raise AssertionError("a folder without selection.json was accepted")
+    except SystemExit as exit_:
+        assert exit_.code == 2 and "not written by a WeightLoRA trainer" in capsys.readouterr().err
+
+
+def test_the_switch_reaches_tensorboard_as_scalars_and_an_image(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5's TensorBoard callback
+    trainer, _ = _trained(tmp_path, report_to=["tensorboard"])
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "weight_lora/selection" in tags["images"]
+    kept = {
+        tag.rsplit("/", 1)[-1]: events.Scalars(tag)[0].value for tag in tags["scalars"] if "weight_lora/kept/" in tag
+    }
+    assert set(kept) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert sum(kept.values()) == trainer.weight_lora.k

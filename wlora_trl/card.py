@@ -1,0 +1,113 @@
+"""The adapter's model card (`README.md`): what WeightLoRA selected, how to load the adapter, how to cite the method.
+
+Written by the trainers with every save (`save_model` and checkpoints) in place of PEFT's empty template, so a folder
+pushed to the hub explains itself. Built from the selection report alone (no model needed), in Markdown with the hub's
+YAML header (`base_model`, `library_name: peft`, tags).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import CITATION
+from .state import SelectionReport, kept_by_projection
+
+CARD_FILE = "README.md"
+PAPER_URL = "https://arxiv.org/abs/2506.02724"
+
+
+def model_card(
+    report: SelectionReport, base_model: str | None, heatmap: str | None = None, task: str | None = None
+) -> str:
+    """The card as Markdown. `heatmap`: the selection heatmap's file name beside it, if there is one."""
+    base = base_model or "the base model"
+    kept = [a for a in report.adapters if a.kept]
+    ranks = sorted({a.rank for a in kept}) or sorted({a.rank for a in report.adapters})
+    rank = ranks[0] if len(ranks) == 1 else max(ranks)
+    known_shapes = all(a.in_features is not None for a in report.adapters)
+    tags = ["peft", "lora", "weightlora", "trl"] + (["sft"] if task == "CAUSAL_LM" else [])
+    lines = [
+        "---",
+        *([f"base_model: {base_model}"] if base_model else []),
+        "library_name: peft",
+        "tags:",
+        *[f"- {tag}" for tag in tags],
+        "---",
+        "",
+        f"# WeightLoRA adapter for {base}",
+        "",
+        f"A LoRA adapter trained with **{report.method}** ([Veprikov et al., ACL 2026]({PAPER_URL})), which lets "
+        "training decide where the adapters go: every LoRA adapter gets a scalar weight ω, trained for a short "
+        "warm-up by StoIHT (an SGD step, then keep the K entries of largest |ω|); the adapters at ω = 0 are then "
+        "removed and training continues as plain LoRA on the kept ones. The files are a stock PEFT LoRA adapter: "
+        "nothing of WeightLoRA is needed to load or serve them.",
+        "",
+        "## The selection",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | {report.method} |",
+        f"| adapters considered (n) | {report.n} |",
+        f"| kept (K) | {report.k} |",
+    ]
+    if report.switched:
+        lines.append(
+            f"| warm-up (T) | {report.selection_steps} optimizer steps; the switch opened step {report.switch_step} |"
+        )
+        lines.append(f"| rank after the switch | {', '.join(map(str, ranks))} |")
+    else:
+        lines.append(f"| state | saved during the warm-up, at step {report.step} (T = {report.selection_steps}): ω is "
+                     "folded into each `lora_B`, so the files are the model as it was |")  # fmt: skip
+    if report.method != "random":
+        lines.append(f"| omega_lr | {report.omega_lr} |")
+    lines.append(f"| kept per projection | {kept_by_projection(report)} |")
+    if known_shapes and report.switched:
+        trainable = sum(a.rank * (a.in_features + a.out_features) for a in kept)
+        lora_rank = rank // 2 if report.method == "WeightLoRA+" else rank
+        lora = sum(lora_rank * (a.in_features + a.out_features) for a in report.adapters)
+        lines.append(f"| trainable parameters | {trainable:,} ({100 * trainable / lora:.0f}% of LoRA rank {lora_rank} on all "
+                     f"n: {lora:,}) |")  # fmt: skip
+    lines.append("")
+    if heatmap:
+        lines += [f"![The selection: layers x projections, colour = final ω, kept outlined]({heatmap})", ""]
+    lines += [
+        "`selection.json` beside the weights records every adapter: module, final ω, kept or not, rank.",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM" if task in (None, "CAUSAL_LM") else "from transformers import AutoModel",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")' if task in (None, "CAUSAL_LM") else f'base = AutoModel.from_pretrained("{base}")',
+        'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
+        "```",
+        "",
+        f"- lm-evaluation-harness: `lm_eval --model hf --model_args pretrained={base},peft=path/to/this/adapter --tasks ...`",
+        f"- vLLM: `LLM(model=\"{base}\", enable_lora=True, max_lora_rank={rank})` and "
+        '`LoRARequest("weightlora", 1, "path/to/this/adapter")`; vLLM and llama.cpp take adapters on a subset of '
+        "layers as they are.",
+        "- TGI / LoRAX (and SGLang before it accepted missing projections) want every projection type in every "
+        "layer: export a padded copy first, `wlora-trl export --padded THIS_FOLDER PADDED_FOLDER` (zeros where an "
+        "adapter was dropped; the same function).",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_model_card(directory: str | os.PathLike, report: SelectionReport, base_model: str | None,
+                     task: str | None = None) -> str:  # fmt: skip
+    """Write `README.md` into `directory`, linking the heatmap if one is there; returns its path."""
+    from .plotting import HEATMAP_FILE
+
+    heatmap = HEATMAP_FILE if os.path.isfile(os.path.join(directory, HEATMAP_FILE)) else None
+    path = os.path.join(directory, CARD_FILE)
+    with open(path, "w") as f:
+        f.write(model_card(report, base_model, heatmap, task))
+    return path

@@ -77,6 +77,10 @@ def run(name: str, seed: int, flags: list[str], args) -> dict:
         if record["argv"] == argv:
             return record
         print(f"{record_path.name}: settings changed since it was recorded; training again")
+    if Path(args.stop_file).exists():
+        # Checked only between runs, so stopping never wastes a half-trained run (nor its wall time record).
+        print(f"{args.stop_file} exists: stopping before {name}, seed {seed}; rerun to continue")
+        raise SystemExit(0)
     output_dir = Path(args.work_dir) / f"{name}_seed{seed}"
     print(f"\n=== {name}, seed {seed}", flush=True)
     script_args, training_args, model_args = make_parser().parse_args_and_config(
@@ -273,13 +277,23 @@ def main() -> None:
     parser.add_argument("--em_limit", type=int, default=0, help="also GSM8K exact match on N questions (lm-eval)")
     parser.add_argument("--runs_dir", default=str(RUNS_DIR), help="where finished runs' records are kept (commit them)")
     parser.add_argument("--work_dir", default="outputs/quality", help="adapters (not committed)")
+    parser.add_argument(
+        "--stop_file", default=None,
+        help="create this file to stop the study after the run in progress (records so far are kept); "
+        "default: STOP in --work_dir",
+    )  # fmt: skip
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "quality.json"))
     args = parser.parse_args()
+    args.stop_file = args.stop_file or str(Path(args.work_dir) / "STOP")
     if "lora" not in args.arms:
         parser.error("every comparison is paired with LoRA: keep lora in --arms")
 
     started = time.perf_counter()
-    runs = {name: [run(name, seed, ARMS[name], args) for seed in args.seeds] for name in args.arms}
+    # Seed-major order: a sitting that stops early still leaves complete, paired seeds behind.
+    runs: dict[str, list[dict]] = {name: [] for name in args.arms}
+    for seed in args.seeds:
+        for name in args.arms:
+            runs[name].append(run(name, seed, ARMS[name], args))
     seed = args.seeds[0]
     lora_loss = runs["lora"][0]["heldout_loss"]
     sweeps = {}

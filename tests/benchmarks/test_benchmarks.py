@@ -83,3 +83,11 @@ def test_quality_benchmark_smoke(tmp_path):
     assert again.returncode == 0 and "===" not in again.stdout, again.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before
     assert out.with_suffix(".md").read_text() == table
+
+    # The STOP file ends a sitting before the next run trains: a new seed is not started, nothing is recorded.
+    (tmp_path / "work" / "STOP").touch()
+    stopped = subprocess.run(
+        [sys.executable, str(QUALITY), *flags, "--seeds", "0", "1", "2"], capture_output=True, text=True, env=env
+    )
+    assert stopped.returncode == 0 and "stopping before lora, seed 2" in stopped.stdout, stopped.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before

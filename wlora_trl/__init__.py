@@ -15,6 +15,7 @@ _EXPORTS = {
     "WeightLoraModel": ".model",
     "WeightLoraSFTTrainer": ".trainer",
     "WeightLoraTrainer": ".trainer",
+    "lora_config_from_selection": ".portable",
 }
 __all__ = [
     "CITATION",
@@ -23,11 +24,13 @@ __all__ = [
     "WeightLoraModel",
     "WeightLoraSFTTrainer",
     "WeightLoraTrainer",
+    "lora_config_from_selection",
 ]
 
 if TYPE_CHECKING:
     from .config import CITATION, WeightLoraConfig
     from .model import WeightLoraModel
+    from .portable import lora_config_from_selection
     from .trainer import WeightLoraMixin, WeightLoraSFTTrainer, WeightLoraTrainer
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
 from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
@@ -37,7 +37,7 @@ from .config import CITATION, WeightLoraConfig
 from .distributed import check_ranks_agree, ddp_inside, rewrap_ddp
 from .export import export_warmup_adapter, pad_adapter, restore_warmup_weights
 from .model import WeightLoraModel
-from .state import kept_per_projection, read_selection, write_selection
+from .state import SelectionReport, kept_per_projection, read_selection, write_selection
 from .surgery import innermost_optimizer
 from .trackers import log_heatmap_to_trackers
 
@@ -214,6 +214,32 @@ class WeightLoraMixin:
         if self.is_world_process_zero():
             log_heatmap_to_trackers(self.callback_handler.callbacks, report, self.state.global_step + 1)
 
+    # --- stage 1 of the two-stage route: the warm-up and the switch, then stop -----------------------------------
+
+    def select_adapters(self, resume_from_checkpoint: str | bool | None = None, **train_kwargs) -> SelectionReport:
+        """Train only the warm-up (T steps), make the switch at its end, and stop; returns the selection.
+
+        Stage 1 of the two-stage route: `save_model(dir)` then writes selection.json and a stock adapter config on
+        the kept modules, and `wlora_trl.lora_config_from_selection(dir)` turns it into the `LoraConfig` of any
+        LoRA trainer's stage 2 (FSDP2, DeepSpeed, other frameworks). T is resolved as in a full run, so give the
+        planned run's length (`max_steps` or epochs) when T is a fraction. Works wherever `train()` does (one
+        device, 8-bit or 4-bit bases, DDP)."""
+        if self.weight_lora.switched:
+            raise RuntimeError("WeightLoRA: the switch already happened; the selection is in weight_lora.report().")
+        stop = _SwitchThenStop(self)
+        self.add_callback(stop)
+        try:
+            self.train(resume_from_checkpoint=resume_from_checkpoint, **train_kwargs)
+        finally:
+            self.remove_callback(stop)
+        if not self.weight_lora.switched:
+            raise RuntimeError(
+                f"WeightLoRA: training ended after {self.state.global_step} optimizer steps, before the warm-up's "
+                f"T = {self.weight_lora.selection_steps}: give the run more data or epochs, or a smaller "
+                "selection_steps."
+            )
+        return self.weight_lora.report(self.state.global_step)
+
     # --- guard rails for multi-process runs ----------------------------------------------------------------------
 
     def train(self, *args, **kwargs):
@@ -283,6 +309,22 @@ class WeightLoraMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if not self.weight_lora.switched:
             restore_warmup_weights(resume_from_checkpoint, self.weight_lora)
+
+
+class _SwitchThenStop(TrainerCallback):
+    """`select_adapters`: at the end of step T make the switch there (rather than at the start of step T+1, which
+    never comes) and end training, with a log line that carries the switch's numbers."""
+
+    def __init__(self, trainer: WeightLoraMixin) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        weight_lora = self.trainer.weight_lora
+        if not weight_lora.switched and state.global_step >= weight_lora.selection_steps:
+            self.trainer._switch()
+            control.should_training_stop = True
+            control.should_log = True
+        return control
 
 
 def _try_heatmap(report, directory: str) -> None:

@@ -243,6 +243,38 @@ def test_quantized_base_through_switch_save_and_reload(tmp_path, device, kind):
     assert torch.isfinite(_logits(on_bf16, device)).all()
 
 
+def test_two_stage_route_selects_on_a_4bit_base_and_stock_trl_trains_the_kept_modules(tmp_path, device):
+    """Stage 1 as the README documents it for models past one GPU (`select_adapters` on an NF4 base), stage 2 with
+    stock TRL on a bf16 base from `lora_config_from_selection`: its adapters are exactly the kept modules."""
+    from trl import SFTTrainer
+
+    from wlora_trl import lora_config_from_selection
+
+    base_dir = tmp_path / "base"
+    tiny_llama(intermediate_size=128).save_pretrained(base_dir)
+    device_map = {"": 0 if device == "cuda" else "cpu"}
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=QUANTIZATION["nf4"](), device_map=device_map
+    )
+    args = sft_args(tmp_path / "stage1", max_steps=200, bf16=True, use_cpu=device == "cpu")
+    stage1 = WeightLoraSFTTrainer(
+        model=prepare_model_for_kbit_training(quantized), args=args, train_dataset=sums_dataset(),
+        processing_class=char_tokenizer(), peft_config=_config(selection_steps=0.005),
+    )  # fmt: skip
+    report = stage1.select_adapters()
+    assert stage1.state.global_step == report.selection_steps == 5  # 0.5% of 200 steps, at least 5
+    stage1.save_model(str(tmp_path / "selected"))
+
+    config = lora_config_from_selection(tmp_path / "selected")
+    bf16_base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to(device)
+    stage2 = SFTTrainer(
+        model=bf16_base, args=sft_args(tmp_path / "stage2", max_steps=3, bf16=True, use_cpu=device == "cpu"),
+        train_dataset=sums_dataset(), processing_class=char_tokenizer(), peft_config=config,
+    )  # fmt: skip
+    stage2.train()
+    assert _lora_modules(stage2.model) == set(report.kept_modules) and len(report.kept_modules) == 7
+
+
 # --- 4. gradient checkpointing ------------------------------------------------------------------------------------
 
 

@@ -33,14 +33,13 @@ from wlora_trl.recipes import classify_boolq, common, sft
 from wlora_trl.recipes.tasks import DataFormatError
 from wlora_trl.state import read_selection
 
-pytestmark = pytest.mark.slow  # the real default models, end to end
-
 REPO = Path(__file__).resolve().parents[2]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
-pytestmark = pytest.mark.skipif(
-    resolve_data_dir() is None, reason="no local data folder (shared/data or WLORA_TRL_DATA_DIR)"
-)
+pytestmark = [
+    pytest.mark.slow,  # the real default models, end to end
+    pytest.mark.skipif(resolve_data_dir() is None, reason="no local data folder (shared/data or WLORA_TRL_DATA_DIR)"),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -431,3 +430,39 @@ def test_bf16_default_follows_the_cpu_and_an_explicit_flag_wins(monkeypatch):
         assert training_args.bf16 is native
     monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
     assert sft.make_parser().parse_args_and_config(["--bf16", "false"])[1].bf16 is False
+
+
+def test_select_command_then_stock_trl_sft_from_the_targets_yaml(tmp_path):
+    """The two-stage route as documented, on the real SmolLM2: `wlora-trl select` (stage 1 under accelerate launch)
+    stops after T = 5 steps with the stage-1 files; `trl sft --config lora_targets.yaml` (stock TRL, its own CLI) then
+    trains adapters on exactly the kept modules."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    selected = tmp_path / "selected"
+    done = subprocess.run(
+        [sys.executable, "-m", "wlora_trl.cli", "select", "--num_processes", "1", "--output_dir", str(selected),
+         "--max_steps", "1000", "--per_device_train_batch_size", "1", "--max_length", "192", "--max_train_samples", "8",
+         "--report_to", "none", "--disable_tqdm", "true"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WeightLoRA switch at step 6: kept 105 of 210" in done.stdout and "Stage 1 done" in done.stdout
+    kept = check_selection(selected, n=210, k=105, rank=8)
+    assert read_selection(selected).selection_steps == 5  # 0.5% of 1000 steps, the run itself stopped there
+    assert not (selected / "eval_results.json").exists()  # stage 1 evaluates nothing
+
+    rows = tmp_path / "data"
+    rows.mkdir()
+    (rows / "train.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{a} plus {a} is", "completion": f" {2 * a}."}) + "\n" for a in range(8))
+    )
+    stage2 = tmp_path / "stage2"
+    done = subprocess.run(
+        [sys.executable, "-m", "trl.cli.main", "sft", "--config", str(selected / "lora_targets.yaml"),
+         "--model_name_or_path", str(smollm2_path()), "--dataset_name", str(rows), "--output_dir", str(stage2),
+         "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true",
+         "--bf16", "false", "--save_strategy", "no", "--num_processes", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(adapter_modules(stage2 / "adapter_model.safetensors")) == kept
+    assert json.loads((stage2 / "adapter_config.json").read_text())["r"] == 8

@@ -78,8 +78,9 @@ def sft_launch_argv(parser, argv: list[str], module: str = SFT_MODULE) -> list[s
     return launch_args + ["-m", module] + script_args
 
 
-def run_sft(argv: list[str]) -> int:
-    """Parse with the SFT script's parser, then hand over to `accelerate launch`."""
+def run_sft(argv: list[str], script_flags: tuple[str, ...] = (), prog: str = "wlora-trl sft") -> int:
+    """Parse with the SFT script's parser, then hand over to `accelerate launch`. `script_flags` are added to the
+    script's own (`wlora-trl select` is `wlora-trl sft --select_only true`)."""
     import importlib
 
     try:
@@ -92,8 +93,8 @@ def run_sft(argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     parser = sft.make_parser()
-    parser.prog = "wlora-trl sft"
-    launch_argv = sft_launch_argv(parser, argv)
+    parser.prog = prog
+    launch_argv = sft_launch_argv(parser, [*argv, *script_flags])
     try:
         launch_command(launch_command_parser().parse_args(launch_argv))
     except subprocess.CalledProcessError as error:

@@ -77,13 +77,18 @@ def _add_eval_parser(subparsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wlora-trl", description="WeightLoRA for TRL: train and evaluate.")
-    subparsers = parser.add_subparsers(dest="command", metavar="{eval,sft,report,export,config-path}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{eval,sft,select,report,export,config-path}")
     _add_eval_parser(subparsers)
     # add_help=False: `wlora-trl sft --help` must reach the SFT script's own parser, which lists its flags.
     subparsers.add_parser(
         "sft",
         add_help=False,
         help="WeightLoRA SFT under accelerate launch; script flags, --config YAML, --accelerate_config NAME|PATH",
+    )
+    subparsers.add_parser(
+        "select",
+        add_help=False,
+        help="stage 1 only: the warm-up and the switch, then selection.json + a stock LoRA config for any trainer",
     )
     report = subparsers.add_parser("report", help="render a run's selection.json: heatmap PNG and a Markdown summary")
     report.add_argument("dir", help="a saved adapter or checkpoint folder (holding selection.json)")
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from .launch import run_sft
 
         return run_sft(argv[argv.index("sft") + 1 :])
+    if args.command == "select":
+        from .launch import run_sft
+
+        return run_sft(argv[argv.index("select") + 1 :], ("--select_only", "true"), prog="wlora-trl select")
     if args.command in ("report", "export"):
         from .report import export_command, report_command
 

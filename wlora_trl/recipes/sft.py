@@ -50,6 +50,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 
 from .._offline.hub import hub_offline
 from .._offline.models import SMOLLM2_LOCAL, resolve_model
+from ..portable import write_lora_targets
 from ..trainer import WeightLoraSFTTrainer
 from . import common
 from .quick_eval import greedy_generate_across_processes
@@ -97,6 +98,14 @@ class SFTScriptArguments(common.WeightLoraArguments):
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per question for exact match."})
     eval_before: bool = field(
         default=True, metadata={"help": "Also evaluate the untrained model (the 'before' column)."}
+    )
+    select_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Stage 1 of the two-stage route (what `wlora-trl select` runs): train the warm-up only, make the "
+            "switch, save selection.json, the heatmap, a stock adapter config on the kept modules and "
+            "lora_targets.yaml, and stop (no evaluation). T is resolved against --max_steps as in a full run."
+        },
     )
 
 
@@ -228,6 +237,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     start = time.perf_counter()
 
     # 1. Everything that can fail fast, before the model is loaded or anything is tokenized.
+    if script_args.select_only and script_args.method == "lora":
+        raise ValueError("--select_only runs WeightLoRA's selection; --method lora has none. Use weightlora or random.")
     peft_config = common.build_peft_config(script_args, **common.lora_kwargs(model_args))
     model_path = resolve_model(model_args.model_name_or_path or SMOLLM2_LOCAL)
     data_source = dict(
@@ -238,7 +249,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     train_examples = gsm8k.load_gsm8k(
         script_args.dataset_train_split, limit=script_args.max_train_samples, **data_source
     )
-    n_test = max(script_args.heldout_loss_samples, script_args.exact_match_samples, 0)
+    # Stage 1 (--select_only) evaluates nothing: no test rows to load or tokenize.
+    n_test = 0 if script_args.select_only else max(script_args.heldout_loss_samples, script_args.exact_match_samples, 0)
     test_examples = gsm8k.load_gsm8k(script_args.dataset_test_split, limit=n_test, **data_source) if n_test else []
     tokenizer = _load_tokenizer(model_path, model_args, training_args)
 
@@ -264,6 +276,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     common.record_public_base(trainer, model_args.model_name_or_path or SMOLLM2_LOCAL)
     questions = test_examples[: script_args.exact_match_samples]
     timings["setup"] = time.perf_counter() - start
+
+    if script_args.select_only:
+        return select(trainer, training_args, timings, start)
 
     # 3. Evaluate, train, save, evaluate.
     results: dict = {}
@@ -309,6 +324,35 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         f"Wall time {timings['total']:.0f} s (train {timings['train']:.0f} s).",
     )
     return summary
+
+
+def select(trainer: WeightLoraSFTTrainer, training_args: SFTConfig, timings: dict, start: float) -> dict:
+    """`--select_only`: the warm-up, the switch, the stage-1 files, and how to run stage 2 with them."""
+    tick = time.perf_counter()
+    report = trainer.select_adapters(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    timings["select"] = time.perf_counter() - tick
+    output_dir = training_args.output_dir
+    trainer.save_model(output_dir)
+    files = {"selection": os.path.join(output_dir, "selection.json")}
+    if trainer.is_world_process_zero():
+        files["lora_targets"] = write_lora_targets(output_dir, report)
+    timings["total"] = time.perf_counter() - start
+    trainer.accelerator.print(
+        f"Stage 1 done in {timings['total']:.0f} s: {output_dir} holds selection.json, a stock adapter_config.json "
+        f"on the {report.k} kept modules and lora_targets.yaml. Stage 2, any LoRA trainer:\n"
+        f"    from wlora_trl import lora_config_from_selection\n"
+        f'    peft_config = lora_config_from_selection("{output_dir}")   # or peft.LoraConfig.from_pretrained(...)\n'
+        f"    trl sft --config {files.get('lora_targets', output_dir + '/lora_targets.yaml')} ...   # config-driven"
+    )
+    return {
+        "output_dir": output_dir,
+        "method": report.method,
+        "kept_adapters": report.k,
+        "total_adapters": report.n,
+        "kept_modules": report.kept_modules,
+        "timings_s": timings,
+        "files": files,
+    }
 
 
 if __name__ == "__main__":

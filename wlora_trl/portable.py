@@ -1,0 +1,121 @@
+"""The selection as a portable artefact: a stock `peft.LoraConfig` on the kept modules, for any trainer or engine.
+
+The switch's outcome is a plain LoRA configuration (which modules, which rank). The two-stage route uses it:
+
+    stage 1  `wlora-trl select` (or `trainer.select_adapters()`): T warm-up steps of WeightLoRA, the switch, stop;
+             writes selection.json, the heatmap, a stock adapter_config.json and `lora_targets.yaml`.
+    stage 2  any LoRA trainer on any setup (FSDP2, DeepSpeed, Axolotl, LLaMA-Factory) with that configuration:
+             `SFTTrainer(peft_config=lora_config_from_selection("select_dir"))`.
+
+How stage 2 differs from the one-run method: the optimizer and the LR schedule start fresh (no warm-up steps were
+taken on them); with the paper's default `reinit=True` the kept adapters start fresh in the one-run method too, so
+only the schedule differs. With `reinit=False` stage 2 can start from the warm-up's adapters by loading the stage-1
+folder with `PeftModel.from_pretrained(base, select_dir, is_trainable=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from peft import LoraConfig
+
+from .state import SelectionReport, read_selection
+from .surgery import alpha_for_rank
+
+TARGETS_FILE = "lora_targets.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+# Fields of the stage-1 adapter config that describe the adapters' form, carried into stage 2's LoraConfig.
+_CARRIED = ("lora_dropout", "use_rslora", "bias", "task_type", "modules_to_save", "init_lora_weights", "fan_in_fan_out")
+
+
+def lora_config_from_selection(
+    selection: str | os.PathLike | SelectionReport,
+    *,
+    r: int | None = None,
+    lora_alpha: float | None = None,
+    **lora_config_kwargs,
+) -> LoraConfig:
+    """A stock `LoraConfig` on exactly the adapters a WeightLoRA run kept.
+
+    `selection`: a folder saved by a WeightLoRA trainer or `wlora-trl select` (selection.json and adapter_config.json),
+    a selection.json path, or a `SelectionReport`. The rank is the kept adapters' rank after the switch (r, or 2r
+    for WeightLoRA+) and `lora_alpha` the one the run's own export used (read from the folder's adapter_config.json),
+    so stage 2 trains adapters of the same form. `r=` overrides the rank (alpha is then rescaled to keep alpha/r, or
+    alpha/sqrt(r) with rsLoRA, unless `lora_alpha=` is given too); other keyword arguments go to `LoraConfig`
+    (`lora_dropout`, `task_type`, ...). `target_modules` lists the kept modules' full names, which PEFT matches
+    exactly on the same architecture.
+    """
+    report = selection if isinstance(selection, SelectionReport) else read_selection(selection)
+    if not report.switched:
+        raise ValueError(
+            "this selection was saved during the warm-up, before the switch decided which adapters stay: use the "
+            "folder `wlora-trl select` or `trainer.select_adapters()` wrote, or a save from after step T."
+        )
+    kept = [a for a in report.adapters if a.kept]
+    ranks = {a.rank for a in kept}
+    if len(ranks) != 1:
+        raise ValueError(f"the kept adapters have ranks {sorted(ranks)}; pass r= to choose one for stage 2.")
+    (kept_rank,) = ranks
+    stage1 = _stage1_config(selection)
+    use_rslora = bool(lora_config_kwargs.get("use_rslora", stage1.get("use_rslora", False)))
+    if lora_alpha is None:
+        if "lora_alpha" not in stage1:
+            raise ValueError(
+                "no adapter_config.json beside this selection.json to take lora_alpha from: pass lora_alpha= "
+                "(the run's alpha; WeightLoRA+ doubles it with the rank)."
+            )
+        lora_alpha = alpha_for_rank(stage1["lora_alpha"], stage1.get("r", kept_rank), r or kept_rank, use_rslora)
+    fields = {key: stage1[key] for key in _CARRIED if key in stage1}
+    fields.update(lora_config_kwargs)
+    return LoraConfig(
+        **{**fields, "r": r or kept_rank, "lora_alpha": lora_alpha, "target_modules": [a.module for a in kept]}
+    )
+
+
+def _stage1_config(selection) -> dict:
+    """The stage-1 folder's stock adapter_config.json as a dict ({} when there is none)."""
+    if isinstance(selection, SelectionReport):
+        return {}
+    folder = os.fspath(selection)
+    folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{path} has rank or alpha patterns; pass r= and lora_alpha= for stage 2 explicitly.")
+    return config
+
+
+def lora_targets_yaml(config: LoraConfig, report: SelectionReport, source: str) -> str:
+    """The selection as YAML in the keys of TRL's `ModelConfig` (`trl sft --config`, `wlora-trl sft --method lora`),
+    which Axolotl reads too; LLaMA-Factory's comma-separated `lora_target` as a comment."""
+    names = report.kept_modules  # the model's order (LoraConfig keeps a set)
+    return "\n".join(
+        [
+            f"# WeightLoRA selection ({report.method}, kept {len(names)} of {report.n} adapters) from {source}",
+            "# TRL (trl sft --config, ModelConfig) reads these keys as they are; Axolotl too, with `adapter: lora`.",
+            "# Module names are full paths, which PEFT matches exactly on the same architecture.",
+            "use_peft: true",
+            f"lora_r: {config.r}",
+            f"lora_alpha: {config.lora_alpha}",
+            "lora_target_modules:",
+            *[f"  - {name}" for name in names],
+            f"# LLaMA-Factory: finetuning_type: lora, lora_rank: {config.r}, lora_alpha: {config.lora_alpha}, and",
+            f"# lora_target: {','.join(names)}",
+            "",
+        ]
+    )
+
+
+def write_lora_targets(directory: str | os.PathLike, report: SelectionReport | None = None) -> str:
+    """Write `lora_targets.yaml` beside a stage-1 folder's selection.json; returns its path."""
+    directory = os.fspath(directory)
+    report = report or read_selection(directory)
+    config = lora_config_from_selection(directory)
+    path = os.path.join(directory, TARGETS_FILE)
+    with open(path, "w") as f:
+        f.write(lora_targets_yaml(config, report, directory))
+    return path

@@ -446,7 +446,7 @@ def test_select_command_then_stock_trl_sft_from_the_targets_yaml(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WeightLoRA switch at step 6: kept 105 of 210" in done.stdout and "Stage 1 done" in done.stdout
-    kept = check_selection(selected, n=210, k=105, rank=8)
+    kept = check_selection(selected, n=210, k=105, rank=16)  # TRL ModelConfig default lora_r
     assert read_selection(selected).selection_steps == 5  # 0.5% of 1000 steps, the run itself stopped there
     assert not (selected / "eval_results.json").exists()  # stage 1 evaluates nothing
 
@@ -465,4 +465,4 @@ def test_select_command_then_stock_trl_sft_from_the_targets_yaml(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(adapter_modules(stage2 / "adapter_model.safetensors")) == kept
-    assert json.loads((stage2 / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((stage2 / "adapter_config.json").read_text())["r"] == 16

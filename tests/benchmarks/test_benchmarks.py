@@ -91,3 +91,17 @@ def test_quality_benchmark_smoke(tmp_path):
     )
     assert stopped.returncode == 0 and "stopping before lora, seed 2" in stopped.stdout, stopped.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before
+
+
+def test_committed_llamacpp_roundtrip_supports_the_readme():
+    """The README's llama.cpp table is read from the committed run of benchmarks/llamacpp_roundtrip.py (which needs a
+    compiled llama.cpp, so it is not run in CI): the counts it states must be the JSON's."""
+    result = json.loads((SPEED.parent / "results" / "llamacpp_roundtrip.json").read_text())
+    readme = (SPEED.parent.parent / "README.md").read_text()
+    for base, label in (("f32", "that GGUF dequantized to f32"), ("q4_1", "the Q4_1 GGUF as shipped")):
+        rows = result["prompts"][base]
+        same = sum(r["identical_with_adapter"] for r in rows), sum(r["identical_without_adapter"] for r in rows)
+        assert f"| {same[0]} of {len(rows)} / {same[1]} of {len(rows)} |" in readme.split(label, 1)[1].split("\n")[0]
+    assert all(r["adapter_changes_greedy_tokens"] for r in result["prompts"]["f32"])
+    assert max(r["adapter_delta_max_abs_diff"] for r in result["prompts"]["f32"]) < 0.05  # applied as PEFT does
+    assert result["conversion"]["adapter_modules"] < 210 and not result["conversion"]["rank_pattern"]

@@ -64,8 +64,9 @@ def study_argv(args) -> list[str]:
     ]  # fmt: skip
 
 
-def run(name: str, seed: int, flags: list[str], args) -> dict:
-    """One SFT run through the recipe, or its committed record if one with the same settings exists."""
+def run(name: str, seed: int, flags: list[str], args) -> dict | None:
+    """One SFT run through the recipe, or its committed record if one with the same settings exists (with
+    --no_train: the record or None)."""
     from wlora_trl.recipes.sft import main as sft_main
     from wlora_trl.recipes.sft import make_parser
     from wlora_trl.state import SELECTION_FILE, read_selection
@@ -76,7 +77,11 @@ def run(name: str, seed: int, flags: list[str], args) -> dict:
         record = json.loads(record_path.read_text())
         if record["argv"] == argv:
             return record
+        if args.no_train:
+            return None
         print(f"{record_path.name}: settings changed since it was recorded; training again")
+    if args.no_train:
+        return None
     if Path(args.stop_file).exists():
         # Checked only between runs, so stopping never wastes a half-trained run (nor its wall time record).
         print(f"{args.stop_file} exists: stopping before {name}, seed {seed}; rerun to continue")
@@ -275,6 +280,10 @@ def main() -> None:
     )
     parser.add_argument("--heldout_samples", type=int, default=200, help="the first N GSM8K test answers")
     parser.add_argument("--em_limit", type=int, default=0, help="also GSM8K exact match on N questions (lm-eval)")
+    parser.add_argument(
+        "--no_train", action="store_true",
+        help="train nothing: print the tables of the runs recorded so far and the runs still to go",
+    )  # fmt: skip
     parser.add_argument("--runs_dir", default=str(RUNS_DIR), help="where finished runs' records are kept (commit them)")
     parser.add_argument("--work_dir", default="outputs/quality", help="adapters (not committed)")
     parser.add_argument(
@@ -291,25 +300,46 @@ def main() -> None:
     started = time.perf_counter()
     # Seed-major order: a sitting that stops early still leaves complete, paired seeds behind.
     runs: dict[str, list[dict]] = {name: [] for name in args.arms}
+    missing, done = [], set()
     for seed in args.seeds:
         for name in args.arms:
-            runs[name].append(run(name, seed, ARMS[name], args))
+            record = run(name, seed, ARMS[name], args)
+            if record:
+                runs[name].append(record)
+                done.add(f"{name}_seed{seed}")
+            else:
+                missing.append(f"{name}_seed{seed}")
     seed = args.seeds[0]
-    lora_loss = runs["lora"][0]["heldout_loss"]
+    lora_seed0 = next((r for r in runs["lora"] if r["seed"] == seed), None)
     sweeps = {}
     for knob, points in sweep_points(args).items():
         sweeps[knob] = {}
         for label, (name, flags) in points.items():
             record = run(name, seed, flags, args)
+            if record is None:
+                missing.append(f"{name}_seed{seed}")
+                continue
+            done.add(f"{name}_seed{seed}")
+            if lora_seed0 is None:
+                continue
             sweeps[knob][label] = {
-                "run": name, "heldout_loss": record["heldout_loss"], "vs_lora": record["heldout_loss"] - lora_loss,
-                "kept": record["kept"],
+                "run": name, "heldout_loss": record["heldout_loss"],
+                "vs_lora": record["heldout_loss"] - lora_seed0["heldout_loss"], "kept": record["kept"],
             }  # fmt: skip
+    runs = {name: arm_runs for name, arm_runs in runs.items() if arm_runs}
 
     summary = summarise(runs)
+    if args.no_train:
+        # Progress of a study that spans sittings: the tables of what is recorded, nothing written.
+        partial = {"summary": summary, "sweeps": sweeps, "settings": {"heldout_samples": args.heldout_samples,
+                                                                      "seeds": args.seeds}}  # fmt: skip
+        print(markdown(partial))
+        to_go = list(dict.fromkeys(missing))
+        print(f"{len(done)} runs recorded; {len(to_go)} to go: {', '.join(to_go)}")
+        return
     if args.em_limit:
-        scores = exact_match([r["adapter_dir"] for name in args.arms for r in runs[name]], args)
-        for name in args.arms:
+        scores = exact_match([r["adapter_dir"] for name in runs for r in runs[name]], args)
+        for name in runs:
             summary[name]["exact_match"] = spread([scores[str(Path(r["adapter_dir"]).resolve())] for r in runs[name]])
 
     import peft
@@ -330,7 +360,7 @@ def main() -> None:
                 {k: r[k] for k in ("seed", "heldout_loss", "kept", "trainable_parameters", "seconds")}
                 for r in runs[name]
             ]
-            for name in args.arms
+            for name in runs
         },  # fmt: skip
         "total_run_minutes": sum(r["seconds"]["run"] for rs in runs.values() for r in rs) / 60
         + sum(

@@ -92,6 +92,15 @@ def test_quality_benchmark_smoke(tmp_path):
     assert stopped.returncode == 0 and "stopping before lora, seed 2" in stopped.stdout, stopped.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before
 
+    # --no_train: the progress of a study that spans sittings, from the records alone.
+    progress = subprocess.run(
+        [sys.executable, str(QUALITY), *flags, "--seeds", "0", "1", "2", "--no_train"], capture_output=True, text=True,
+        env=env,
+    )  # fmt: skip
+    assert progress.returncode == 0, progress.stderr[-2000:]
+    assert "8 runs recorded; 3 to go: lora_seed2, weightlora_seed2, weightlora_keep_seed2" in progress.stdout
+    assert f"| weightlora | {loss['mean']:.4f} ± {loss['std']:.4f} |" in progress.stdout
+
 
 def test_committed_llamacpp_roundtrip_supports_the_readme():
     """The README's llama.cpp table is read from the committed run of benchmarks/llamacpp_roundtrip.py (which needs a

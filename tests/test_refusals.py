@@ -75,8 +75,8 @@ def test_lora_variants_are_refused():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("fsdp", [FSDPOption.FULL_SHARD], "does not support DeepSpeed or FSDP"),
-        ("deepspeed", {"zero_optimization": {"stage": 2}}, "does not support DeepSpeed or FSDP"),
+        ("fsdp", [FSDPOption.FULL_SHARD], "does not support DeepSpeed or FSDP.*wlora-trl select"),
+        ("deepspeed", {"zero_optimization": {"stage": 2}}, "does not support DeepSpeed or FSDP.*two-stage route"),
         ("load_best_model_at_end", True, "load_best_model_at_end=True is not supported"),
     ],
 )

@@ -11,6 +11,8 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
   The kept count is logged (`weight_lora/kept_adapters`) with the next regular log line.
 - `save_model` writes a stock PEFT LoRA adapter plus `selection.json`; checkpoints carry `selection.json` too, so
   resuming before, at or after T continues the same run.
+- `select_adapters()` instead of `train()`: the warm-up and the switch only (stage 1 of the two-stage route; the
+  selection becomes any trainer's `LoraConfig` through `wlora_trl.lora_config_from_selection`).
 
 - DDP (`accelerate launch`, torchrun): omega's gradient is all-reduced with the others, so every rank takes the
   same StoIHT steps; after the switch the model is re-wrapped in a new DDP, so the re-created adapters are
@@ -60,8 +62,10 @@ def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
 
 SHARDING_UNSUPPORTED = (
     "WeightLoRA does not support DeepSpeed or FSDP yet: they shard the parameters that the switch at step T "
-    "rebuilds. Supported: one process, or data-parallel (DDP) through `accelerate launch` / torchrun. Remove the "
-    "deepspeed/fsdp settings."
+    "rebuilds. Supported: one process, or data-parallel (DDP) through `accelerate launch` / torchrun. For a model "
+    "past one GPU's memory use the two-stage route: select on one GPU (a 4-bit base works) with `wlora-trl select` "
+    "or `trainer.select_adapters()`, then train `lora_config_from_selection(dir)` with stock TRL under FSDP or "
+    "DeepSpeed (README: 'Past one GPU'). Otherwise remove the deepspeed/fsdp settings."
 )
 
 

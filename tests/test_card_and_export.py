@@ -95,6 +95,20 @@ def test_report_command_renders_a_run_done_elsewhere(tmp_path, capsys):
         assert exit_.code == 2 and "not written by a WeightLoRA trainer" in capsys.readouterr().err
 
 
+def test_report_on_a_warmup_save_says_nothing_is_dropped_yet(tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    trainer = WeightLoraTrainer(
+        AutoModelForCausalLM.from_pretrained(base_dir), cpu_args(tmp_path / "run", max_steps=6),
+        train_dataset=addition_lm_dataset(), peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
+    )  # fmt: skip
+    trainer.save_model(str(tmp_path / "early"))  # step 0, inside the warm-up
+    assert cli_main(["report", str(tmp_path / "early")]) == 0
+    text = (tmp_path / "early" / "selection_report.md").read_text()
+    assert text.startswith("# WeightLoRA: saved during the warm-up, at step 0 of T = 3")
+    assert "all 14 adapters train" in text and "K = 7 will be kept" in text
+
+
 def test_the_switch_reaches_tensorboard_as_scalars_and_an_image(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -3,6 +3,7 @@ the selection (stage 2), which must put its adapters on exactly the kept modules
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,13 +82,37 @@ def test_stage1_stops_at_the_switch_and_stock_trl_trains_the_kept_modules(tmp_pa
 
 
 def test_the_targets_yaml_is_a_trl_config_that_builds_the_same_lora_config(tmp_path):
-    _, report = _stage1(tmp_path)
-    path = write_lora_targets(tmp_path / "selected")
-    assert path.endswith(TARGETS_FILE)
-    (model_args,) = TrlParser((ModelConfig,)).parse_args_and_config(args=["--config", path])
+    _, report = _stage1(tmp_path, lora_dropout=0.1, use_rslora=True, task_type="CAUSAL_LM")
+    path = tmp_path / "selected" / TARGETS_FILE  # save_model wrote it, after select_adapters
+    assert path.is_file() and write_lora_targets(tmp_path / "selected") == str(path)
+    (model_args,) = TrlParser((ModelConfig,)).parse_args_and_config(args=["--config", str(path)])
     peft_config = get_peft_config(model_args)
-    assert peft_config.target_modules == set(report.kept_modules) and (peft_config.r, peft_config.lora_alpha) == (4, 8)
-    assert f"lora_target: {','.join(report.kept_modules)}" in open(path).read()  # LLaMA-Factory's form
+    ours = lora_config_from_selection(tmp_path / "selected")
+    assert peft_config.target_modules == ours.target_modules == set(report.kept_modules)
+    for field in ("r", "lora_alpha", "lora_dropout", "use_rslora", "task_type"):
+        assert getattr(peft_config, field) == getattr(ours, field), field  # not TRL's defaults (dropout 0.05, ...)
+    assert (ours.r, ours.lora_alpha, ours.lora_dropout, ours.use_rslora) == (4, 8, 0.1, True)
+    assert f"lora_target: {','.join(report.kept_modules)}" in path.read_text()  # LLaMA-Factory's form
+    card = (tmp_path / "selected" / "README.md").read_text()
+    assert "**selection only**" in card and "lora_config_from_selection" in card
+
+
+def test_select_refuses_a_checkpoint_from_after_the_switch(tmp_path):
+    """Resuming such a checkpoint would train on to max_steps; its selection is already made."""
+    trainer = WeightLoraSFTTrainer(
+        model=tiny_llama(), args=sft_args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=5),
+        train_dataset=sums_dataset(), processing_class=char_tokenizer(),
+        peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3, k=5),
+    )  # fmt: skip
+    trainer.train()
+    fresh = WeightLoraSFTTrainer(
+        model=tiny_llama(), args=sft_args(tmp_path / "run", max_steps=6), train_dataset=sums_dataset(),
+        processing_class=char_tokenizer(),
+        peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3, k=5),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="saved after the switch"):
+        fresh.select_adapters(resume_from_checkpoint=True)  # the latest: checkpoint-5, after T = 3
+    assert fresh.state.global_step == 0 and not fresh.weight_lora.switched
 
 
 def test_rank_override_rescales_alpha_and_bad_sources_are_refused(tmp_path):
@@ -98,6 +123,14 @@ def test_rank_override_rescales_alpha_and_bad_sources_are_refused(tmp_path):
         lora_config_from_selection(report)  # a bare report knows no alpha
     with pytest.raises(RuntimeError, match="already happened"):
         trainer.select_adapters()
+    with pytest.raises(TypeError, match="target_modules comes from the selection"):
+        lora_config_from_selection(tmp_path / "selected", target_modules=["q_proj"])
+    first_kept = next(i for i, a in enumerate(report.adapters) if a.kept)
+    adapters = tuple(dataclasses.replace(a, rank=8) if i == first_kept else a for i, a in enumerate(report.adapters))
+    mixed = dataclasses.replace(report, adapters=adapters)
+    with pytest.raises(ValueError, match="pass r="):
+        lora_config_from_selection(mixed, lora_alpha=8)
+    assert lora_config_from_selection(mixed, r=4, lora_alpha=8).r == 4  # r= settles mixed ranks
 
     # A save from inside the warm-up has no selection yet.
     early = WeightLoraSFTTrainer(

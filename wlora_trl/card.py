@@ -16,16 +16,35 @@ CARD_FILE = "README.md"
 PAPER_URL = "https://arxiv.org/abs/2506.02724"
 
 
+# PEFT task type -> the transformers Auto class that loads the base with the head the adapter was trained on.
+AUTO_CLASSES = {
+    None: "AutoModelForCausalLM",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
 def model_card(
-    report: SelectionReport, base_model: str | None, heatmap: str | None = None, task: str | None = None
+    report: SelectionReport,
+    base_model: str | None,
+    heatmap: str | None = None,
+    task: str | None = None,
+    trainer_tags: list[str] | tuple[str, ...] = ("weightlora",),
 ) -> str:
-    """The card as Markdown. `heatmap`: the selection heatmap's file name beside it, if there is one."""
+    """The card as Markdown. `heatmap`: the selection heatmap's file name beside it, if there is one; `trainer_tags`:
+    the trainer's `_tag_names` (TRL's convention), after `peft` and `lora`."""
     base = base_model or "the base model"
     kept = [a for a in report.adapters if a.kept]
     ranks = sorted({a.rank for a in kept}) or sorted({a.rank for a in report.adapters})
     rank = ranks[0] if len(ranks) == 1 else max(ranks)
     known_shapes = all(a.in_features is not None for a in report.adapters)
-    tags = ["peft", "lora", "weightlora", "trl"] + (["sft"] if task == "CAUSAL_LM" else [])
+    tags = list(dict.fromkeys(["peft", "lora", "weightlora", *trainer_tags]))
+    auto_class = AUTO_CLASSES.get(task, "AutoModel")
+    # Saved right at the switch, which only select_adapters does (a run's own switch opens step T+1): a selection.
+    selection_only = report.switched and report.step == report.selection_steps
     lines = [
         "---",
         *([f"base_model: {base_model}"] if base_model else []),
@@ -50,6 +69,13 @@ def model_card(
         f"| adapters considered (n) | {report.n} |",
         f"| kept (K) | {report.k} |",
     ]
+    if selection_only:
+        lines.append(
+            f"| state | **selection only** (`wlora-trl select` / `select_adapters()`): saved at the switch after T = "
+            f"{report.selection_steps} steps; " + ("the kept adapters were re-initialised (B = 0), so these weights "
+            "change nothing: use the folder for its selection, `wlora_trl.lora_config_from_selection(folder)` |"
+            if report.reinit else "the weights are the warm-up's, omega folded in |")
+        )  # fmt: skip
     if report.switched:
         lines.append(
             f"| warm-up (T) | {report.selection_steps} optimizer steps; the switch opened step {report.switch_step} |"
@@ -77,9 +103,9 @@ def model_card(
         "",
         "```python",
         "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM" if task in (None, "CAUSAL_LM") else "from transformers import AutoModel",
+        f"from transformers import {auto_class}",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")' if task in (None, "CAUSAL_LM") else f'base = AutoModel.from_pretrained("{base}")',
+        f'base = {auto_class}.from_pretrained("{base}")',
         'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
         "```",
         "",
@@ -102,12 +128,12 @@ def model_card(
 
 
 def write_model_card(directory: str | os.PathLike, report: SelectionReport, base_model: str | None,
-                     task: str | None = None) -> str:  # fmt: skip
+                     task: str | None = None, trainer_tags: list[str] | tuple[str, ...] = ("weightlora",)) -> str:  # fmt: skip
     """Write `README.md` into `directory`, linking the heatmap if one is there; returns its path."""
     from .plotting import HEATMAP_FILE
 
     heatmap = HEATMAP_FILE if os.path.isfile(os.path.join(directory, HEATMAP_FILE)) else None
     path = os.path.join(directory, CARD_FILE)
     with open(path, "w") as f:
-        f.write(model_card(report, base_model, heatmap, task))
+        f.write(model_card(report, base_model, heatmap, task, trainer_tags))
     return path

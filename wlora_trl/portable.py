@@ -7,10 +7,10 @@ The switch's outcome is a plain LoRA configuration (which modules, which rank). 
     stage 2  any LoRA trainer on any setup (FSDP2, DeepSpeed, Axolotl, LLaMA-Factory) with that configuration:
              `SFTTrainer(peft_config=lora_config_from_selection("select_dir"))`.
 
-How stage 2 differs from the one-run method: the optimizer and the LR schedule start fresh (no warm-up steps were
-taken on them); with the paper's default `reinit=True` the kept adapters start fresh in the one-run method too, so
-only the schedule differs. With `reinit=False` stage 2 can start from the warm-up's adapters by loading the stage-1
-folder with `PeftModel.from_pretrained(base, select_dir, is_trainable=True)`.
+How stage 2 differs from the one-run method (README, "Past one GPU"): the optimizer state and the LR schedule start
+fresh and the T warm-up batches come again; with the paper's default `reinit=True` the kept adapters start from a
+fresh initialisation in the one-run method too. With `reinit=False` stage 2 can start from the warm-up's adapters by
+loading the stage-1 folder with `PeftModel.from_pretrained(base, select_dir, is_trainable=True)` (from Python).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def lora_config_from_selection(
     (`lora_dropout`, `task_type`, ...). `target_modules` lists the kept modules' full names, which PEFT matches
     exactly on the same architecture.
     """
+    if "target_modules" in lora_config_kwargs:
+        raise TypeError("target_modules comes from the selection (the kept modules); it cannot be passed here.")
     report = selection if isinstance(selection, SelectionReport) else read_selection(selection)
     if not report.switched:
         raise ValueError(
@@ -54,60 +56,62 @@ def lora_config_from_selection(
         )
     kept = [a for a in report.adapters if a.kept]
     ranks = {a.rank for a in kept}
-    if len(ranks) != 1:
+    if r is None and len(ranks) != 1:
         raise ValueError(f"the kept adapters have ranks {sorted(ranks)}; pass r= to choose one for stage 2.")
-    (kept_rank,) = ranks
-    stage1 = _stage1_config(selection)
-    use_rslora = bool(lora_config_kwargs.get("use_rslora", stage1.get("use_rslora", False)))
+    rank = r if r is not None else ranks.pop()
+    stage1 = {} if isinstance(selection, SelectionReport) else _stage1_config(selection)
     if lora_alpha is None:
+        if stage1.get("alpha_pattern") or stage1.get("rank_pattern"):
+            raise ValueError("the stage-1 adapter_config.json has rank or alpha patterns: pass r= and lora_alpha=.")
         if "lora_alpha" not in stage1:
             raise ValueError(
                 "no adapter_config.json beside this selection.json to take lora_alpha from: pass lora_alpha= "
                 "(the run's alpha; WeightLoRA+ doubles it with the rank)."
             )
-        lora_alpha = alpha_for_rank(stage1["lora_alpha"], stage1.get("r", kept_rank), r or kept_rank, use_rslora)
+        use_rslora = bool(lora_config_kwargs.get("use_rslora", stage1.get("use_rslora", False)))
+        lora_alpha = alpha_for_rank(stage1["lora_alpha"], stage1["r"], rank, use_rslora)
     fields = {key: stage1[key] for key in _CARRIED if key in stage1}
     fields.update(lora_config_kwargs)
-    return LoraConfig(
-        **{**fields, "r": r or kept_rank, "lora_alpha": lora_alpha, "target_modules": [a.module for a in kept]}
-    )
+    return LoraConfig(**{**fields, "r": rank, "lora_alpha": lora_alpha, "target_modules": [a.module for a in kept]})
 
 
-def _stage1_config(selection) -> dict:
-    """The stage-1 folder's stock adapter_config.json as a dict ({} when there is none)."""
-    if isinstance(selection, SelectionReport):
-        return {}
+def _stage1_config(selection: str | os.PathLike) -> dict:
+    """The stock adapter_config.json beside the selection, as a dict ({} when there is none)."""
     folder = os.fspath(selection)
     folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
     path = os.path.join(folder, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
-        config = json.load(f)
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{path} has rank or alpha patterns; pass r= and lora_alpha= for stage 2 explicitly.")
-    return config
+        return json.load(f)
 
 
 def lora_targets_yaml(config: LoraConfig, report: SelectionReport, source: str) -> str:
     """The selection as YAML in the keys of TRL's `ModelConfig` (`trl sft --config`, `wlora-trl sft --method lora`),
-    which Axolotl reads too; LLaMA-Factory's comma-separated `lora_target` as a comment."""
+    which Axolotl reads too; LLaMA-Factory's comma-separated `lora_target` as a comment. Carries what shapes the
+    adapters (dropout, rsLoRA, task type, modules_to_save), so stage 2 does not fall back to TRL's defaults."""
     names = report.kept_modules  # the model's order (LoraConfig keeps a set)
-    return "\n".join(
-        [
-            f"# WeightLoRA selection ({report.method}, kept {len(names)} of {report.n} adapters) from {source}",
-            "# TRL (trl sft --config, ModelConfig) reads these keys as they are; Axolotl too, with `adapter: lora`.",
-            "# Module names are full paths, which PEFT matches exactly on the same architecture.",
-            "use_peft: true",
-            f"lora_r: {config.r}",
-            f"lora_alpha: {config.lora_alpha}",
-            "lora_target_modules:",
-            *[f"  - {name}" for name in names],
-            f"# LLaMA-Factory: finetuning_type: lora, lora_rank: {config.r}, lora_alpha: {config.lora_alpha}, and",
-            f"# lora_target: {','.join(names)}",
-            "",
-        ]
-    )
+    task = getattr(config.task_type, "value", config.task_type)
+    alpha = config.lora_alpha
+    lines = [
+        f"# WeightLoRA selection ({report.method}, kept {len(names)} of {report.n} adapters) from {source}",
+        "# TRL (trl sft --config, ModelConfig) reads these keys as they are; Axolotl too, with `adapter: lora`.",
+        "# Module names are full paths, which PEFT matches exactly on the same model class as stage 1.",
+        "use_peft: true",
+        f"lora_r: {config.r}",
+        f"lora_alpha: {alpha}" + ("  # not an integer (rsLoRA + plus): TRL's ModelConfig wants one" if
+                                  not float(alpha).is_integer() else ""),
+        f"lora_dropout: {config.lora_dropout}",
+        f"use_rslora: {str(bool(config.use_rslora)).lower()}",
+        *([f"lora_task_type: {task}"] if task else []),
+        *(["lora_modules_to_save:", *[f"  - {m}" for m in config.modules_to_save]] if config.modules_to_save else []),
+        "lora_target_modules:",
+        *[f"  - {name}" for name in names],
+        f"# LLaMA-Factory: finetuning_type: lora, lora_rank: {config.r}, lora_alpha: {alpha}, and",
+        f"# lora_target: {','.join(names)}",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_lora_targets(directory: str | os.PathLike, report: SelectionReport | None = None) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
@@ -39,6 +40,7 @@ from .config import CITATION, WeightLoraConfig
 from .distributed import check_ranks_agree, ddp_inside, rewrap_ddp
 from .export import export_warmup_adapter, pad_adapter, restore_warmup_weights
 from .model import WeightLoraModel
+from .portable import write_lora_targets
 from .state import SelectionReport, kept_per_projection, read_selection, write_selection
 from .surgery import innermost_optimizer
 from .trackers import log_heatmap_to_trackers
@@ -121,6 +123,7 @@ class WeightLoraMixin:
         self._omega_hook = None
         self._wrapper_checked = False
         self._weight_lora_logs: dict[str, float] = {}
+        self._selection_only = False
 
     # --- optimizer: omega stays out of it; its step runs as the optimizer's step pre-hook ---------------------
 
@@ -200,6 +203,10 @@ class WeightLoraMixin:
         if self._omega_hook is not None:
             self._omega_hook.remove()
             self._omega_hook = None
+        if self._omega_grad is not None:
+            # Step T's gradient was never applied: the GradScaler skipped that optimizer step (only reachable from
+            # select_adapters, which switches at the end of step T; training_step counts it otherwise).
+            self.weight_lora.skip_omega_step()
         self._omega_grad = None
         if self.accelerator.num_processes > 1:
             check_ranks_agree(self.weight_lora.omega)
@@ -223,13 +230,22 @@ class WeightLoraMixin:
     def select_adapters(self, resume_from_checkpoint: str | bool | None = None, **train_kwargs) -> SelectionReport:
         """Train only the warm-up (T steps), make the switch at its end, and stop; returns the selection.
 
-        Stage 1 of the two-stage route: `save_model(dir)` then writes selection.json and a stock adapter config on
-        the kept modules, and `wlora_trl.lora_config_from_selection(dir)` turns it into the `LoraConfig` of any
-        LoRA trainer's stage 2 (FSDP2, DeepSpeed, other frameworks). T is resolved as in a full run, so give the
+        Stage 1 of the two-stage route: `save_model(dir)` then writes selection.json, a stock adapter config on the
+        kept modules and `lora_targets.yaml` (TRL ModelConfig keys), and `wlora_trl.lora_config_from_selection(dir)`
+        turns the folder into the `LoraConfig` of any LoRA trainer's stage 2 (FSDP2, DeepSpeed, other frameworks). T is resolved as in a full run, so give the
         planned run's length (`max_steps` or epochs) when T is a fraction. Works wherever `train()` does (one
         device, 8-bit or 4-bit bases, DDP)."""
         if self.weight_lora.switched:
             raise RuntimeError("WeightLoRA: the switch already happened; the selection is in weight_lora.report().")
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint and read_selection(checkpoint).switched:
+            # Resuming it would train on past the switch, to max_steps: its selection is already made.
+            raise ValueError(
+                f"{checkpoint} was saved after the switch, so its selection is already made: use it directly, "
+                f"lora_config_from_selection({str(checkpoint)!r})."
+            )
         stop = _SwitchThenStop(self)
         self.add_callback(stop)
         try:
@@ -242,6 +258,7 @@ class WeightLoraMixin:
                 f"T = {self.weight_lora.selection_steps}: give the run more data or epochs, or a smaller "
                 "selection_steps."
             )
+        self._selection_only = True  # save_model adds lora_targets.yaml, for config-driven stage-2 trainers
         return self.weight_lora.report(self.state.global_step)
 
     # --- guard rails for multi-process runs ----------------------------------------------------------------------
@@ -291,6 +308,8 @@ class WeightLoraMixin:
             write_selection(directory, report)
             _try_heatmap(report, directory)
             self._write_card(directory, report)
+            if self._selection_only:
+                write_lora_targets(directory, report)
             if padded:
                 pad_adapter(directory, directory)
 
@@ -303,7 +322,7 @@ class WeightLoraMixin:
     def _write_card(self, directory: str, report) -> None:
         config = self.weight_lora.model.peft_config[self.weight_lora.adapter_name]
         task = getattr(config.task_type, "value", config.task_type)
-        write_model_card(directory, report, config.base_model_name_or_path, task)
+        write_model_card(directory, report, config.base_model_name_or_path, task, getattr(self, "_tag_names", ()))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Rebuild the checkpoint's structure (and omega) first: the Trainer loads adapter weights into the current

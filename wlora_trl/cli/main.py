@@ -1,4 +1,4 @@
-"""The `wlora-trl` command: `eval`, `sft` and `config-path` subcommands.
+"""The `wlora-trl` command: `eval`, `sft`, `select`, `report`, `export` and `config-path` subcommands.
 
 Also runnable as `python -m wlora_trl.cli`, which is what `accelerate launch -m wlora_trl.cli eval ...` needs for
 data-parallel evaluation. Heavy imports (lm-eval, TRL) happen inside the subcommands, so `--help` is fast.
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "report":
                 return report_command(args.dir, args.output_dir)
             return export_command(args.source, args.target, args.padded)
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, ImportError) as err:  # ImportError: the heatmap needs matplotlib
             parser.exit(2, f"wlora-trl {args.command}: error: {err}\n")
     if args.command == "config-path":
         from .launch import accelerate_config_path

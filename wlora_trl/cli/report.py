@@ -16,6 +16,12 @@ SUMMARY_FILE = "selection_report.md"
 def summary_markdown(report: SelectionReport) -> str:
     """Kept per layer and per projection, omega's range, and the parameters kept against LoRA on all n."""
     kept = [a for a in report.adapters if a.kept]
+    if not report.switched:
+        return (
+            f"# {report.method}: saved during the warm-up, at step {report.step} of T = {report.selection_steps}\n\n"
+            f"Nothing is dropped yet: all {report.n} adapters train, gated by omega; K = {report.k} will be kept at "
+            f"the switch. Nonzero omega now: {sum(a.omega not in (None, 0.0) for a in report.adapters)}.\n"
+        )
     lines = [
         f"# {report.method}: kept {len(kept)} of {report.n} adapters",
         "",
@@ -40,19 +46,23 @@ def summary_markdown(report: SelectionReport) -> str:
         lora = sum(lora_rank * (a.in_features + a.out_features) for a in report.adapters)
         share = f" ({100 * trainable / lora:.0f}%)" if lora else ""
         lines.append(f"Parameters: {trainable:,} kept{share} against {lora:,} for LoRA rank {lora_rank} on all n.")
+
+    def row(module: str) -> str:  # a layer index, or the module's own name outside the layers (lm_head, pooler)
+        layer = parse_module_name(module)[0]
+        return str(layer) if layer is not None else module
+
     by_layer: dict[str, list[str]] = defaultdict(list)
     for adapter in kept:
-        layer, projection = parse_module_name(adapter.module)
-        by_layer[str(layer) if layer is not None else adapter.module].append(projection.rsplit(".", 1)[-1])
+        by_layer[row(adapter.module)].append(parse_module_name(adapter.module)[1].rsplit(".", 1)[-1])
     lines += ["", "| layer | kept adapters |", "|---:|---|"]
-    layers = sorted({str(parse_module_name(a.module)[0]) for a in report.adapters}, key=lambda x: (len(x), x))
+    layers = sorted({row(a.module) for a in report.adapters}, key=lambda x: (len(x), x))
     for layer in layers:
         lines.append(f"| {layer} | {', '.join(by_layer.get(layer, [])) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def report_command(directory: str, output_dir: str | None) -> int:
-    from ..plotting import HEATMAP_FILE, plot_selection_heatmap
+    from ..plotting import HEATMAP_FILE, plot_selection_heatmap  # matplotlib is imported when plotting: optional
 
     report = read_selection(directory)
     output_dir = output_dir or directory
@@ -60,8 +70,12 @@ def report_command(directory: str, output_dir: str | None) -> int:
     text = summary_markdown(report)
     with open(os.path.join(output_dir, SUMMARY_FILE), "w") as f:
         f.write(text)
-    heatmap = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
     print(text)
+    try:
+        heatmap = plot_selection_heatmap(report, os.path.join(output_dir, HEATMAP_FILE))
+    except ImportError:
+        print(f"wrote {os.path.join(output_dir, SUMMARY_FILE)}; the heatmap needs matplotlib: pip install matplotlib")
+        return 0
     print(f"wrote {os.path.join(output_dir, SUMMARY_FILE)} and {heatmap}")
     return 0
 

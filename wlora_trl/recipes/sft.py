@@ -50,7 +50,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 
 from .._offline.hub import hub_offline
 from .._offline.models import SMOLLM2_LOCAL, resolve_model
-from ..portable import write_lora_targets
+from ..portable import TARGETS_FILE
 from ..trainer import WeightLoraSFTTrainer
 from . import common
 from .quick_eval import greedy_generate_across_processes
@@ -332,17 +332,15 @@ def select(trainer: WeightLoraSFTTrainer, training_args: SFTConfig, timings: dic
     report = trainer.select_adapters(resume_from_checkpoint=training_args.resume_from_checkpoint)
     timings["select"] = time.perf_counter() - tick
     output_dir = training_args.output_dir
-    trainer.save_model(output_dir)
-    files = {"selection": os.path.join(output_dir, "selection.json")}
-    if trainer.is_world_process_zero():
-        files["lora_targets"] = write_lora_targets(output_dir, report)
+    trainer.save_model(output_dir)  # after select_adapters it also writes lora_targets.yaml
+    files = {name: os.path.join(output_dir, name) for name in ("selection.json", TARGETS_FILE, "adapter_config.json")}
     timings["total"] = time.perf_counter() - start
     trainer.accelerator.print(
         f"Stage 1 done in {timings['total']:.0f} s: {output_dir} holds selection.json, a stock adapter_config.json "
         f"on the {report.k} kept modules and lora_targets.yaml. Stage 2, any LoRA trainer:\n"
         f"    from wlora_trl import lora_config_from_selection\n"
-        f'    peft_config = lora_config_from_selection("{output_dir}")   # or peft.LoraConfig.from_pretrained(...)\n'
-        f"    trl sft --config {files.get('lora_targets', output_dir + '/lora_targets.yaml')} ...   # config-driven"
+        f'    peft_config = lora_config_from_selection("{output_dir}")\n'
+        f"    trl sft --config {files[TARGETS_FILE]} ...   # config-driven trainers"
     )
     return {
         "output_dir": output_dir,

@@ -43,8 +43,6 @@ def model_card(
     known_shapes = all(a.in_features is not None for a in report.adapters)
     tags = list(dict.fromkeys(["peft", "lora", "weightlora", *trainer_tags]))
     auto_class = AUTO_CLASSES.get(task, "AutoModel")
-    # Saved right at the switch, which only select_adapters does (a run's own switch opens step T+1): a selection.
-    selection_only = report.switched and report.step == report.selection_steps
     lines = [
         "---",
         *([f"base_model: {base_model}"] if base_model else []),
@@ -69,7 +67,7 @@ def model_card(
         f"| adapters considered (n) | {report.n} |",
         f"| kept (K) | {report.k} |",
     ]
-    if selection_only:
+    if report.selection_only:
         lines.append(
             f"| state | **selection only** (`wlora-trl select` / `select_adapters()`): saved at the switch after T = "
             f"{report.selection_steps} steps; " + ("the kept adapters were re-initialised (B = 0), so these weights "

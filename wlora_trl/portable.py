@@ -20,11 +20,11 @@ import os
 
 from peft import LoraConfig
 
+from .export import ADAPTER_CONFIG
 from .state import SelectionReport, read_selection
 from .surgery import alpha_for_rank
 
 TARGETS_FILE = "lora_targets.yaml"
-ADAPTER_CONFIG = "adapter_config.json"
 # Fields of the stage-1 adapter config that describe the adapters' form, carried into stage 2's LoraConfig.
 _CARRIED = ("lora_dropout", "use_rslora", "bias", "task_type", "modules_to_save", "init_lora_weights", "fan_in_fan_out")
 

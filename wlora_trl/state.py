@@ -68,6 +68,12 @@ class SelectionReport:
     wlora_trl_version: str | None = None
 
     @property
+    def selection_only(self) -> bool:
+        """Saved right at the switch, which only `select_adapters` does (a run's own switch opens step T+1, so its
+        saves come before it, at step <= T, or after it, at step > T): a stage-1 selection."""
+        return self.switched and self.step == self.selection_steps
+
+    @property
     def kept_modules(self) -> list[str]:
         return [a.module for a in self.adapters if a.kept]
 

@@ -123,7 +123,6 @@ class WeightLoraMixin:
         self._omega_hook = None
         self._wrapper_checked = False
         self._weight_lora_logs: dict[str, float] = {}
-        self._selection_only = False
 
     # --- optimizer: omega stays out of it; its step runs as the optimizer's step pre-hook ---------------------
 
@@ -258,7 +257,6 @@ class WeightLoraMixin:
                 f"T = {self.weight_lora.selection_steps}: give the run more data or epochs, or a smaller "
                 "selection_steps."
             )
-        self._selection_only = True  # save_model adds lora_targets.yaml, for config-driven stage-2 trainers
         return self.weight_lora.report(self.state.global_step)
 
     # --- guard rails for multi-process runs ----------------------------------------------------------------------
@@ -308,7 +306,7 @@ class WeightLoraMixin:
             write_selection(directory, report)
             _try_heatmap(report, directory)
             self._write_card(directory, report)
-            if self._selection_only:
+            if report.selection_only:  # saved by select_adapters: add the config-driven trainers' form
                 write_lora_targets(directory, report)
             if padded:
                 pad_adapter(directory, directory)

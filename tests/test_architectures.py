@@ -19,15 +19,21 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    BertConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
     T5Config,
 )
 
-from tests.testing_utils import VOCAB, addition_lm_dataset, classification_dataset, cpu_args, tiny_llama, tiny_qwen3_moe
+from tests.testing_utils import (
+    VOCAB,
+    addition_lm_dataset,
+    classification_dataset,
+    cpu_args,
+    tiny_bert_classifier,
+    tiny_llama,
+    tiny_qwen3_moe,
+)
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
 
 V = len(VOCAB)
@@ -71,17 +77,7 @@ ARCHITECTURES = {  # name: (model factory, Auto class, data, extra WeightLoraCon
         {},
     ),
     "bert_classifier": (
-        lambda: AutoModelForSequenceClassification.from_config(
-            BertConfig(
-                vocab_size=V,
-                hidden_size=64,
-                intermediate_size=96,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-                num_labels=2,
-            )
-        ),
+        tiny_bert_classifier,
         "AutoModelForSequenceClassification",
         classification_dataset,
         {"modules_to_save": ["classifier"]},

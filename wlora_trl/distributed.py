@@ -57,6 +57,7 @@ def check_ranks_agree(omega: torch.Tensor | None) -> None:
     if differing:
         raise RuntimeError(
             f"WeightLoRA: at the switch, ranks {differing} hold another omega than rank 0, so they would keep other "
-            "adapters. The ranks have been training without synchronised gradients (the model was not wrapped in "
-            "DistributedDataParallel for part of the run)."
+            "adapters. The ranks have been training without synchronised gradients (under DDP: the model was not "
+            "wrapped in DistributedDataParallel for part of the run; in a custom loop: omega_step was not called on "
+            "every rank at every step)."
         )

@@ -14,24 +14,44 @@ The trainers use it; so can any training loop (plain PyTorch, accelerate):
         if step == weight_lora.selection_steps:
             weight_lora.switch(optimizer)  # drop, re-initialise; edits the optimizer in place
 
+Under FSDP2 (`fully_shard`), make it with `mask_mode=True` before sharding and keep omega out of the sharding:
+
+    weight_lora = WeightLoraModel(model, max_steps=1000, mask_mode=True)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model, ignored_params=set(weight_lora.omega_parameters()))
+    ...                                # the same loop; omega's gradient is all-reduced in omega_step
+    weight_lora.save_adapter("out")    # on every rank: gathers the kept adapters, rank 0 writes a stock adapter
+
 omega is never in the optimizer: it gets a plain SGD step of its own (Adam would normalise away the magnitudes
 the ranking relies on) and is not touched by the LR schedule or by gradient clipping.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import random
 import weakref
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import WeightLoraConfig
+from .distributed import check_ranks_agree
+from .masking import (
+    all_reduce_mean,
+    gathered_adapter_state_dict,
+    is_sharded,
+    mask_adapter,
+    preallocate_double_rank,
+    reinit_in_place,
+)
 from .selection import OUTCOMES, SKIPPED_NONFINITE, SKIPPED_WITH_OPTIMIZER, STEP_TAKEN, OmegaGates, stoiht_step
 from .state import AdapterRecord, SelectionReport, switch_summary
 from .surgery import (
@@ -129,9 +149,15 @@ class WeightLoraModel:
 
     Adapter i (the i-th LoRA module in `model.named_modules()` order) is gated by `omega[i]`. Pass `max_steps`
     (or call `set_max_steps`) when `selection_steps` is a fraction.
+
+    `mask_mode=True` keeps the model's structure fixed, as FSDP2 needs (`wlora_trl.masking`): the switch zeroes,
+    freezes and switches off the dropped adapters instead of removing them, re-initialises the kept ones in place,
+    and WeightLoRA+ adapters are allocated at rank 2r from the start (the extra half held at zero until the
+    switch). omega's gradient is averaged over the processes (FSDP2 leaves omega, which must be in `fully_shard`'s
+    `ignored_params`, unreduced). Construct it before the model is sharded; export with `save_adapter`.
     """
 
-    def __init__(self, model: PeftModel, max_steps: int | None = None) -> None:
+    def __init__(self, model: PeftModel, max_steps: int | None = None, mask_mode: bool = False) -> None:
         if getattr(model, SWITCHED_MARK, False):
             raise ValueError(
                 "This model went through WeightLoRA's switch already: it is plain LoRA on the kept adapters now (its "
@@ -167,6 +193,19 @@ class WeightLoraModel:
         # Each adapted layer's (in_features, out_features), recorded in selection.json for reports and exports.
         self.shapes = {name: (int(layer.in_features), int(layer.out_features)) for name, layer in layers}
         self.num_adapters = len(layers)
+        # Each adapter's rank and alpha during the warm-up (mask mode's WeightLoRA+ allocates 2r, computes r).
+        self.warmup_ranks = {name: int(layer.r[self.adapter_name]) for name, layer in layers}
+        self.warmup_alphas = {name: layer.lora_alpha[self.adapter_name] for name, layer in layers}
+        sharded = [name for name, layer in layers if any(map(is_sharded, adapter_parameters(layer, self.adapter_name)))]
+        if sharded:
+            raise ValueError(
+                f"The adapters are sharded already ({_few(sharded)}): make the WeightLoraModel (with mask_mode=True) "
+                "before fully_shard, and pass fully_shard(model, ignored_params=set(weight_lora.omega_parameters()))."
+            )
+        self.mask_mode = mask_mode
+        if mask_mode and config.plus:
+            for _, layer in layers:
+                preallocate_double_rank(layer, self.adapter_name, config)
         self.k = config.resolve_k(self.num_adapters)
         self.selection_steps: int | None = None
         self.switched = False
@@ -219,7 +258,14 @@ class WeightLoraModel:
         as one vector in adapter order, or None if there is none."""
         if self.gates is None or self.switched:
             return None
-        return self.gates.take_grad()
+        grad = self.gates.take_grad()
+        if self.mask_mode and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under FSDP2 omega is outside the sharding, so its gradient is this process's own: average it as the
+            # sharded gradients are. Every rank joins the collective, with zeros if it had no gradient (skipped).
+            if grad is None:
+                grad = torch.zeros(self.num_adapters, dtype=torch.float32, device=self.gates.device)
+            grad = all_reduce_mean(grad)
+        return grad
 
     def omega_step(self, grad: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor | bool:
         """One StoIHT step: SGD on omega with `omega_lr`, then keep its K largest |omega_i|.
@@ -295,6 +341,14 @@ class WeightLoraModel:
         """
         if self.switched:
             raise RuntimeError("WeightLoRA: the switch already happened; the model is plain LoRA now.")
+        if not self.mask_mode and any(is_sharded(p) for p in self.model.parameters()):
+            raise RuntimeError(
+                "WeightLoRA: the model is sharded (FSDP2), so the switch cannot remove or rebuild adapters. Make the "
+                "WeightLoraModel with mask_mode=True, before fully_shard."
+            )
+        if self.mask_mode and kept is None:
+            # Ranks that disagree would mask different adapters and then hang in the export's collectives: say why.
+            check_ranks_agree(self.omega)
         kept = self.select(seed) if kept is None else sorted(kept)
         kept_set = set(kept)
         self._warn_about_nonfinite_steps()
@@ -316,26 +370,37 @@ class WeightLoraModel:
             torch.default_generator.manual_seed(seed)
             for index, name in enumerate(self.module_names):
                 layer: LoraLayer = self.base.get_submodule(name)
-                old_params = adapter_parameters(layer, self.adapter_name)
                 if index not in kept_set:
-                    drop_adapter(self.base, name)
-                    replacements.update({id(p): [] for p in old_params})
+                    if self.mask_mode:
+                        replacements.update({id(p): [] for p in mask_adapter(layer, self.adapter_name)})
+                    else:
+                        replacements.update({id(p): [] for p in adapter_parameters(layer, self.adapter_name)})
+                        drop_adapter(self.base, name)
                     infos.append(AdapterRecord(index, name, omega[index], False, 0, *self.shapes[name]))
                     continue
-                old_rank = layer.r[self.adapter_name]
-                rank = 2 * old_rank if cfg.plus else old_rank
-                alpha = alpha_for_rank(layer.lora_alpha[self.adapter_name], old_rank, rank, cfg.use_rslora)
-                rebuild_adapter(
-                    layer,
-                    self.adapter_name,
-                    cfg,
-                    rank=rank,
-                    alpha=alpha,
-                    reinit=cfg.reinit,
-                    omega=1.0 if omega[index] is None else omega[index],
-                )
-                for old, new in zip(old_params, adapter_parameters(layer, self.adapter_name)):
-                    replacements[id(old)] = [new]
+                factor = 1.0 if omega[index] is None else omega[index]
+                if self.mask_mode:
+                    # Rank and alpha are final already (WeightLoRA+ was allocated at 2r); the parameters stay.
+                    rank, alpha = layer.r[self.adapter_name], layer.lora_alpha[self.adapter_name]
+                    params = reinit_in_place(
+                        layer,
+                        self.adapter_name,
+                        warmup_rank=self.warmup_ranks[name],
+                        reinit=cfg.reinit,
+                        omega=factor,
+                        init_lora_weights=cfg.init_lora_weights,
+                    )
+                    replacements.update({id(p): [p] for p in params})  # same place in the optimizer, fresh state
+                else:
+                    old_params = adapter_parameters(layer, self.adapter_name)
+                    old_rank = layer.r[self.adapter_name]
+                    rank = 2 * old_rank if cfg.plus else old_rank
+                    alpha = alpha_for_rank(layer.lora_alpha[self.adapter_name], old_rank, rank, cfg.use_rslora)
+                    rebuild_adapter(
+                        layer, self.adapter_name, cfg, rank=rank, alpha=alpha, reinit=cfg.reinit, omega=factor
+                    )
+                    for old, new in zip(old_params, adapter_parameters(layer, self.adapter_name)):
+                        replacements[id(old)] = [new]
                 ranks[name], alphas[name] = rank, alpha
                 infos.append(AdapterRecord(index, name, omega[index], True, rank, *self.shapes[name]))
 
@@ -373,9 +438,7 @@ class WeightLoraModel:
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
             adapters = [
-                AdapterRecord(
-                    i, name, omega[i], False, self.base.get_submodule(name).r[self.adapter_name], *self.shapes[name]
-                )
+                AdapterRecord(i, name, omega[i], False, self.warmup_ranks[name], *self.shapes[name])
                 for i, name in enumerate(self.module_names)
             ]
         cfg = self.config
@@ -393,6 +456,46 @@ class WeightLoraModel:
             adapters=tuple(adapters),
             omega_steps=dict(self.omega_steps),
         )
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The function the adapters compute now, as the tensors of a stock PEFT adapter file (full, on the CPU):
+        after the switch the kept adapters; during the warm-up every adapter, omega folded into B. Under FSDP2
+        a collective (each adapter is all-gathered): call it on every rank."""
+        if self.switched:
+            kept = [a for a in self.adapters if a.kept]
+            modules, ranks = {a.module: None for a in kept}, {a.module: a.rank for a in kept}
+        else:
+            omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
+            modules, ranks = dict(zip(self.module_names, omega)), self.warmup_ranks
+        return gathered_adapter_state_dict(self.model, modules, self.adapter_name, ranks)
+
+    def adapter_config(self) -> LoraConfig:
+        """The stock `LoraConfig` of `adapter_state_dict()` (exact module names; no WeightLoRA fields)."""
+        if self.switched:
+            return copy.deepcopy(self.model.peft_config[self.adapter_name])
+        return stock_lora_config(self.config, self.module_names, self.warmup_ranks, self.warmup_alphas)
+
+    def save_adapter(self, directory: str | os.PathLike, is_main_process: bool | None = None) -> None:
+        """Write the stock PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`) and `selection.json`.
+
+        For custom loops, in any mode; under FSDP2 call it on every rank (it gathers the adapters), and rank 0
+        writes (`is_main_process` overrides that). `PeftModel.from_pretrained(base, directory)` reloads it."""
+        from safetensors.torch import save_file
+
+        from .state import write_selection
+
+        state = self.adapter_state_dict()
+        if is_main_process is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            is_main_process = not distributed or torch.distributed.get_rank() == 0
+        if not is_main_process:
+            return
+        os.makedirs(directory, exist_ok=True)
+        save_file(state, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = self.adapter_config()
+        config.inference_mode = True  # as PeftModel.save_pretrained writes it
+        config.save_pretrained(directory)
+        write_selection(directory, self.report())
 
     def restore(self, report: SelectionReport) -> None:
         """Return to the state a `report()` describes (resuming a checkpoint), before its weights are loaded."""

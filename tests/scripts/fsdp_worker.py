@@ -1,0 +1,141 @@
+"""WeightLoRA in mask mode on a tiny Llama sharded with FSDP2 (`fully_shard` per decoder layer and at the root), gloo.
+
+    torchrun --nproc_per_node 2 tests/scripts/fsdp_worker.py OUT [--plus] [--keep] [--no_shard]
+    torchrun --nproc_per_node 1 tests/scripts/fsdp_worker.py OUT --refusals
+    torchrun --nproc_per_node 2 tests/scripts/fsdp_worker.py OUT --skew_omega
+
+A global batch of 4 fixed-length rows per step, split evenly over the ranks (every row's tokens all count, so the
+mean of the ranks' losses is the global batch's loss); T = 3 of 8 steps. Each rank writes OUT/rank{r}.pt (losses,
+omega at the switch, kept set, gathered adapter, logits on a probe, what the switch left behind); rank 0 also saves
+the adapter with `save_adapter` to OUT/adapter. `--refusals` checks the errors for a model sharded too early, `--skew_omega` the switch's check that
+the ranks agree.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.testing_utils import tiny_llama  # noqa: E402
+from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
+from wlora_trl.masking import is_sharded  # noqa: E402
+
+R, T, STEPS, GLOBAL_BATCH = 4, 3, 8, 4
+PROBE = torch.arange(3, 35).reshape(2, 16)
+
+
+def make_model(plus=False, keep=False):
+    config = WeightLoraConfig(
+        r=R, lora_alpha=8, target_modules="all-linear", selection_steps=T, plus=plus, reinit=not keep
+    )
+    return get_peft_model(tiny_llama(seed=0), config)
+
+
+def shard(model, weight_lora=None):
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    ignored = set(weight_lora.omega_parameters()) if weight_lora is not None else None
+    fully_shard(model, ignored_params=ignored)
+
+
+def refusals(out: Path) -> None:
+    results = {}
+    model = make_model()
+    shard(model)
+    try:
+        WeightLoraModel(model, max_steps=STEPS, mask_mode=True)
+    except ValueError as error:
+        results["made_after_sharding"] = str(error)
+    model = make_model()
+    weight_lora = WeightLoraModel(model, max_steps=STEPS)  # module-swap mode, then sharded
+    shard(model, weight_lora)
+    try:
+        weight_lora.switch()
+    except RuntimeError as error:
+        results["swap_mode_switch"] = str(error)
+    torch.save(results, out / "refusals.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--plus", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="reinit=False")
+    parser.add_argument("--no_shard", action="store_true", help="mask mode without FSDP (the reference)")
+    parser.add_argument("--refusals", action="store_true")
+    parser.add_argument("--skew_omega", action="store_true", help="rank 1 holds another omega at the switch")
+    args = parser.parse_args()
+    out = Path(args.out)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.refusals:
+        refusals(out)
+        dist.destroy_process_group()
+        return
+
+    model = make_model(args.plus, args.keep)
+    weight_lora = WeightLoraModel(model, max_steps=STEPS, mask_mode=True)
+    if not args.no_shard:
+        shard(model, weight_lora)
+    sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+    optimizer = torch.optim.AdamW(weight_lora.trainable_parameters(), lr=1e-2)
+    batches = torch.randint(3, 90, (STEPS, GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(1))
+    per_rank = GLOBAL_BATCH // world
+    losses, record = [], {}
+    for step in range(1, STEPS + 1):
+        batch = batches[step - 1, rank * per_rank : (rank + 1) * per_rank]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        weight_lora.omega_step()
+        if step == T + 1:  # the first step after the switch: the dropped adapters got no gradient
+            dropped = [a.module for a in weight_lora.adapters if not a.kept]
+            record["dropped_with_grad"] = [
+                name
+                for name, p in model.named_parameters()
+                if p.grad is not None and any(f"{module}.lora_" in name for module in dropped)
+            ]
+        optimizer.step()
+        optimizer.zero_grad()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        losses.append(mean_loss.item() / world)
+        if step == T:
+            record["omega"] = weight_lora.omega.clone()
+            if args.skew_omega:
+                if rank == 1:
+                    weight_lora.set_omega(weight_lora.omega.flip(0))
+                try:
+                    weight_lora.switch(optimizer, seed=0)
+                except RuntimeError as error:
+                    torch.save({"error": str(error)}, out / f"skew{rank}.pt")
+                dist.destroy_process_group()
+                return
+            weight_lora.switch(optimizer, seed=0)
+            record["kept"] = [a.module for a in weight_lora.adapters if a.kept]
+            record["optimizer_params"] = sum(len(group["params"]) for group in optimizer.param_groups)
+            record["omega_left_on_model"] = hasattr(model, "selection_omega")
+    dropped = [a.module for a in weight_lora.adapters if not a.kept]
+    record["dropped_nonzero"] = sum(
+        int(torch.count_nonzero(p.full_tensor() if is_sharded(p) else p))
+        for name, p in model.named_parameters()
+        if any(f"{module}.lora_" in name for module in dropped)
+    )
+    with torch.no_grad():
+        record["logits"] = model(input_ids=PROBE).logits.detach().clone()
+    record["adapter"] = weight_lora.adapter_state_dict()  # gathered on every rank
+    weight_lora.save_adapter(out / "adapter")
+    record.update(losses=losses, world_size=world, sharded=len(sharded), omega_steps=weight_lora.omega_steps)
+    torch.save(record, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

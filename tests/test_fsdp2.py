@@ -1,0 +1,103 @@
+"""FSDP2 (`fully_shard`) on 2 gloo processes, CPU: WeightLoRA in mask mode crosses the switch sharded.
+
+Checked against the same run unsharded in one process with the whole global batch: the same omega at the switch,
+the same kept set, the same losses and the same trained adapter (FSDP2 averages the LoRA gradients in a
+reduce-scatter, omega's is averaged by WeightLoRA; only the summation order differs from one process). The ranks
+agree exactly; after the switch the dropped adapters get no gradient and stay zero; the gathered export reloads
+with stock PEFT to the sharded model's logits.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from tests.testing_utils import tiny_llama
+
+pytestmark = pytest.mark.slow  # multi-process runs
+
+WORKER = Path(__file__).parent / "scripts" / "fsdp_worker.py"
+PROBE = torch.arange(3, 35).reshape(2, 16)
+VARIANTS = {"WeightLoRA": [], "WeightLoRA+ reinit=False": ["--plus", "--keep"]}
+
+
+def _torchrun(processes: int, out: Path, *flags: str) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(WORKER)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, str(out), *flags], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {path.stem: torch.load(path) for path in sorted(out.glob("*.pt"))}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def runs(request, tmp_path_factory):
+    flags = VARIANTS[request.param]
+    sharded_dir, single_dir = tmp_path_factory.mktemp("fsdp2"), tmp_path_factory.mktemp("one")
+    sharded = _torchrun(2, sharded_dir, *flags)
+    single = _torchrun(1, single_dir, "--no_shard", *flags)["rank0"]
+    return sharded, single, sharded_dir, "--plus" in flags
+
+
+def test_the_model_is_sharded_and_the_ranks_agree_exactly(runs):
+    sharded, _, _, _ = runs
+    rank0, rank1 = sharded["rank0"], sharded["rank1"]
+    assert rank0["world_size"] == 2 and rank0["sharded"] > 0  # every LoRA and base weight is a DTensor
+    assert torch.equal(rank0["omega"], rank1["omega"])
+    assert rank0["kept"] == rank1["kept"] and len(rank0["kept"]) == 7
+    assert rank0["adapter"].keys() == rank1["adapter"].keys()
+    for key in rank0["adapter"]:
+        assert torch.equal(rank0["adapter"][key], rank1["adapter"][key]), key
+    assert not rank0["omega_left_on_model"]
+    assert rank0["omega_steps"]["taken"] == 2  # steps 2 and 3 (step 1 has no gradient)
+
+
+def test_sharded_matches_one_process_with_the_same_global_batch(runs):
+    sharded, single, _, _ = runs
+    rank0 = sharded["rank0"]
+    torch.testing.assert_close(rank0["omega"], single["omega"], rtol=0, atol=1e-6)
+    assert rank0["kept"] == single["kept"]
+    torch.testing.assert_close(rank0["losses"], single["losses"], rtol=0, atol=1e-5)
+    assert rank0["adapter"].keys() == single["adapter"].keys()
+    for key in rank0["adapter"]:
+        torch.testing.assert_close(rank0["adapter"][key], single["adapter"][key], rtol=0, atol=1e-5)
+
+
+def test_after_the_switch_only_kept_adapters_train(runs):
+    sharded, _, _, plus = runs
+    rank0 = sharded["rank0"]
+    assert rank0["dropped_with_grad"] == []  # switched off: no compute, no gradient
+    assert rank0["dropped_nonzero"] == 0  # zeroed at the switch and never trained since
+    assert rank0["optimizer_params"] == 2 * 7  # the kept adapters' A and B, nothing else
+    ranks = {value.shape[0] for key, value in rank0["adapter"].items() if "lora_A" in key}
+    assert ranks == ({8} if plus else {4})
+
+
+def test_gathered_export_reloads_with_stock_peft_to_the_sharded_models_logits(runs):
+    sharded, _, out, _ = runs
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=0), out / "adapter")
+    with torch.no_grad():
+        logits = reloaded(input_ids=PROBE).logits
+        with reloaded.disable_adapter():
+            base = reloaded(input_ids=PROBE).logits
+    expected = sharded["rank0"]["logits"]
+    assert (expected - base).abs().max() > 1e-2  # the adapter's own effect: an ignored adapter could not pass
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    adapted = [name for name, module in reloaded.base_model.model.named_modules() if hasattr(module, "lora_A")]
+    assert sorted(adapted) == sorted(sharded["rank0"]["kept"])
+
+
+def test_sharding_before_mask_mode_is_refused_with_directions(tmp_path):
+    results = _torchrun(1, tmp_path, "--refusals")["refusals"]
+    assert "make the WeightLoraModel (with mask_mode=True) before fully_shard" in results["made_after_sharding"]
+    assert "mask_mode=True, before fully_shard" in results["swap_mode_switch"]
+
+
+def test_ranks_holding_different_omega_stop_at_the_switch_with_an_error(tmp_path):
+    # Without the check they would mask different adapters and abort in the next collective.
+    results = _torchrun(2, tmp_path, "--skew_omega")
+    for rank in ("skew0", "skew1"):
+        assert "ranks [1] hold another omega than rank 0" in results[rank]["error"]

@@ -1,0 +1,158 @@
+"""Mask mode: the switch for models whose structure must not change, such as models sharded with FSDP2.
+
+`fully_shard` turns every parameter of a decoder layer into a shard (a DTensor) that its FSDP state all-gathers
+before the layer runs; replacing a LoRA module, or re-creating its parameters at another rank, would leave that
+state pointing at parameters the model no longer has. So in mask mode nothing is replaced:
+- a dropped adapter is zeroed (A and B), frozen and switched off on its layer (PEFT's per-layer `enable_adapters`),
+  so its layer computes only the base layer: no LoRA compute and no gradient. Its (sharded) parameters stay in the
+  model and are still all-gathered with the rest of the layer: that, and their share of memory, is what a dropped
+  adapter costs under FSDP2. The optimizer forgets them, with their state.
+- a kept adapter is re-initialised in place, from full tensors drawn from a seeded CPU stream and written shard by
+  shard (each rank copies its own slice of the same full tensor: no communication, every rank agrees);
+- WeightLoRA+ cannot grow the rank at the switch, so `preallocate_double_rank` gives every adapter rank 2r before
+  sharding, with the extra half of A and B held at zero: it computes the rank-r adapter exactly and, with zero A
+  rows and zero B columns, gets zero gradients there (Adam moves nothing), until the switch brings them to life.
+- the adapter is exported from gathered full tensors of the kept adapters only (`gathered_adapter_state_dict`),
+  so the saved adapter is the same stock PEFT adapter a one-process run writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .surgery import adapter_parameters
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's sharded parameters), without importing torch.distributed where it is missing."""
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathered for a DTensor (a collective: every rank must call it, in the same order)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def write_full(parameter: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole tensor `full` into `parameter`; a sharded parameter takes its own slice of it. Every rank
+    holds the same `full` (a seeded stream), so each slices locally: `src_data_rank=None` sends nothing."""
+    if is_sharded(parameter):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = full.to(device=parameter.to_local().device, dtype=parameter.dtype)
+        parameter.copy_(distribute_tensor(local, parameter.device_mesh, parameter.placements, src_data_rank=None))
+    else:
+        parameter.copy_(full.to(device=parameter.device, dtype=parameter.dtype))
+
+
+def lora_init_a(rank: int, in_features: int, init_lora_weights: bool | str) -> torch.Tensor:
+    """A fresh `lora_A` weight, drawn from the default CPU generator as PEFT's `reset_lora_parameters` draws it."""
+    weight = torch.empty(rank, in_features)
+    if init_lora_weights is True:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    else:  # "gaussian" (WeightLoraConfig refuses every other init)
+        nn.init.normal_(weight, std=1 / rank)
+    return weight
+
+
+@torch.no_grad()
+def preallocate_double_rank(layer: LoraLayer, adapter_name: str, config) -> None:
+    """WeightLoRA+ in mask mode, before sharding: give the adapter rank 2r (alpha doubled, so alpha/r and the
+    function stay), its first r rows of A and columns of B the adapter's own, the rest zero."""
+    from .surgery import alpha_for_rank, rebuild_adapter
+
+    rank = layer.r[adapter_name]
+    alpha = alpha_for_rank(layer.lora_alpha[adapter_name], rank, 2 * rank, config.use_rslora)
+    with torch.random.fork_rng(devices=[]):  # PEFT draws a throwaway init here; leave the user's stream alone
+        rebuild_adapter(layer, adapter_name, config, rank=2 * rank, alpha=alpha, reinit=False, omega=1.0)
+    layer.lora_A[adapter_name].weight[rank:].zero_()
+    layer.lora_B[adapter_name].weight[:, rank:].zero_()
+
+
+@torch.no_grad()
+def mask_adapter(layer: LoraLayer, adapter_name: str) -> list[nn.Parameter]:
+    """Switch a dropped adapter off in place: zero weights (so re-enabling adapters, as PEFT's `disable_adapter()`
+    context does on exit, adds nothing and trains nothing), frozen, and its layer computing the base layer only."""
+    params = adapter_parameters(layer, adapter_name)
+    for param in params:
+        param.zero_()
+    layer.enable_adapters(False)  # also sets requires_grad=False on the layer's adapter weights
+    return params
+
+
+@torch.no_grad()
+def reinit_in_place(
+    layer: LoraLayer, adapter_name: str, *, warmup_rank: int, reinit: bool, omega: float, init_lora_weights
+) -> list[nn.Parameter]:
+    """A kept adapter's post-switch form, in place (same parameters, same shapes): re-initialised (A from the
+    current CPU generator, B zero) or, with `reinit=False`, omega folded into B and any extra rank (WeightLoRA+)
+    given fresh rows of A, so the function is unchanged. Returns the adapter's parameters."""
+    a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    rank, in_features = a.shape
+    fresh = lora_init_a(rank, in_features, init_lora_weights)
+    if reinit:
+        write_full(a, fresh)
+        b.zero_()
+    else:
+        b.mul_(omega)
+        if rank > warmup_rank:
+            kept_rows = full_tensor(a)[:warmup_rank].to(device="cpu", dtype=fresh.dtype)
+            write_full(a, torch.cat([kept_rows, fresh[warmup_rank:]]))
+    return adapter_parameters(layer, adapter_name)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over the default process group (itself without one): omega's gradient under FSDP2,
+    which leaves omega unsharded and so does not reduce it. gloo has no AVG, hence SUM / world size."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return tensor
+    device = tensor.device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
+    reduced = tensor.detach().to(device).clone()
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+    return (reduced / world).to(tensor.device)
+
+
+def gathered_adapter_state_dict(
+    model: nn.Module, modules: dict[str, float | None], adapter_name: str, ranks: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """PEFT's adapter file contents (keys as `get_peft_model_state_dict` writes them), from full tensors on the CPU.
+
+    `modules` maps each exported module's name (relative to the base model) to the factor its `lora_B` is multiplied
+    by (omega during the warm-up; None for 1), `ranks` its rank (a WeightLoRA+ adapter pre-allocated at 2r exports
+    its first r during the warm-up). Other modules' adapters are left out; `modules_to_save` copies come along.
+    Under FSDP2 this is a collective (each parameter is all-gathered): call it on every rank.
+    """
+    from peft import get_peft_model_state_dict
+
+    prefix = "base_model.model."
+    gathered: dict[str, torch.Tensor] = {}
+    for key, param in model.named_parameters():
+        if "modules_to_save" in key:
+            gathered[key] = full_tensor(param.detach()).cpu().clone()
+            continue
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module = key[len(prefix) :].split(".lora_", 1)[0] if key.startswith(prefix) else None
+        if module not in modules:
+            continue
+        value = full_tensor(param.detach()).cpu().clone()
+        rank = ranks[module]
+        if ".lora_A." in key:
+            value = value[:rank]
+        else:
+            value = value[:, :rank]
+            if modules[module] is not None:
+                value = value * modules[module]
+        gathered[key] = value.contiguous()
+    return {
+        key: value
+        for key, value in get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name).items()
+    }

@@ -67,7 +67,8 @@ SHARDING_UNSUPPORTED = (
     "rebuilds. Supported: one process, or data-parallel (DDP) through `accelerate launch` / torchrun. For a model "
     "past one GPU's memory use the two-stage route: select on one GPU (a 4-bit base works) with `wlora-trl select` "
     "or `trainer.select_adapters()`, then train `lora_config_from_selection(dir)` with stock TRL under FSDP or "
-    "DeepSpeed (README: 'Past one GPU'). Otherwise remove the deepspeed/fsdp settings."
+    "DeepSpeed (README: 'Past one GPU'); or, in your own training loop, FSDP2 with WeightLoraModel(model, "
+    "mask_mode=True) (README: 'Under FSDP2'). Otherwise remove the deepspeed/fsdp settings."
 )
 
 

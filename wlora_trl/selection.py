@@ -91,7 +91,12 @@ class OmegaGatedLinear(nn.Linear):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight * self.__dict__["omega_gate"], self.bias)
+        weight, omega = self.weight, self.__dict__["omega_gate"]
+        if weight.dtype == torch.float32:
+            return F.linear(input, weight * omega, self.bias)
+        # A low-precision A (FSDP2's mixed-precision all-gather, adapters cast to bf16): the product is rounded to
+        # A's dtype as before, but omega's gradient, <A, dL/d(A omega)>, is then reduced in fp32, not in bf16.
+        return F.linear(input, (weight.float() * omega).to(weight.dtype), self.bias)
 
 
 class OmegaGates:

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 tests/scripts/fsdp_worker.py OUT [--plus] [--keep] [--no_shard]
     torchrun --nproc_per_node 1 tests/scripts/fsdp_worker.py OUT --refusals
     torchrun --nproc_per_node 2 tests/scripts/fsdp_worker.py OUT --skew_omega
+    torchrun --nproc_per_node 2 tests/scripts/fsdp_worker.py OUT --stop_after S --checkpoint CKPT   (then --resume CKPT)
 
 A global batch of 4 fixed-length rows per step, split evenly over the ranks (every row's tokens all count, so the
 mean of the ranks' losses is the global batch's loss); T = 3 of 8 steps. Each rank writes OUT/rank{r}.pt (losses,
@@ -18,14 +19,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from peft import get_peft_model
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.testing_utils import tiny_llama  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
 from wlora_trl.masking import is_sharded  # noqa: E402
+from wlora_trl.state import read_selection, write_selection  # noqa: E402
 
 R, T, STEPS, GLOBAL_BATCH = 4, 3, 8, 4
 PROBE = torch.arange(3, 35).reshape(2, 16)
@@ -38,11 +42,14 @@ def make_model(plus=False, keep=False):
     return get_peft_model(tiny_llama(seed=0), config)
 
 
-def shard(model, weight_lora=None):
+def shard(model, weight_lora=None, bf16=False):
+    # bf16: FSDP2's mixed precision (bf16 all-gathered parameters and compute, fp32 gradient reduction and shards).
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mp_policy": policy} if policy is not None else {}
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
+        fully_shard(layer, **kwargs)
     ignored = set(weight_lora.omega_parameters()) if weight_lora is not None else None
-    fully_shard(model, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored, **kwargs)
 
 
 def refusals(out: Path) -> None:
@@ -71,6 +78,10 @@ def main() -> None:
     parser.add_argument("--no_shard", action="store_true", help="mask mode without FSDP (the reference)")
     parser.add_argument("--refusals", action="store_true")
     parser.add_argument("--skew_omega", action="store_true", help="rank 1 holds another omega at the switch")
+    parser.add_argument("--checkpoint", help="save a DCP checkpoint and selection.json here after --stop_after steps")
+    parser.add_argument("--stop_after", type=int, default=STEPS)
+    parser.add_argument("--resume", help="continue from this checkpoint")
+    parser.add_argument("--bf16_params", action="store_true", help="FSDP2 mixed precision: bf16 parameters")
     args = parser.parse_args()
     out = Path(args.out)
     dist.init_process_group("gloo")
@@ -83,13 +94,25 @@ def main() -> None:
     model = make_model(args.plus, args.keep)
     weight_lora = WeightLoraModel(model, max_steps=STEPS, mask_mode=True)
     if not args.no_shard:
-        shard(model, weight_lora)
+        shard(model, weight_lora, bf16=args.bf16_params)
     sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+    first_step = 1
+    if args.resume:
+        # The structure first (omega, or the switch's masks), then the optimizer on what trains now, then the weights
+        # and the optimizer state from the checkpoint.
+        report = read_selection(args.resume)
+        weight_lora.restore(report)
+        first_step = report.step + 1
     optimizer = torch.optim.AdamW(weight_lora.trainable_parameters(), lr=1e-2)
+    if args.resume:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=args.resume)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     batches = torch.randint(3, 90, (STEPS, GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(1))
     per_rank = GLOBAL_BATCH // world
-    losses, record = [], {}
-    for step in range(1, STEPS + 1):
+    losses, record = {}, {}
+    for step in range(first_step, args.stop_after + 1):
         batch = batches[step - 1, rank * per_rank : (rank + 1) * per_rank]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -105,7 +128,7 @@ def main() -> None:
         optimizer.zero_grad()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
-        losses.append(mean_loss.item() / world)
+        losses[step] = mean_loss.item() / world
         if step == T:
             record["omega"] = weight_lora.omega.clone()
             if args.skew_omega:
@@ -121,6 +144,14 @@ def main() -> None:
             record["kept"] = [a.module for a in weight_lora.adapters if a.kept]
             record["optimizer_params"] = sum(len(group["params"]) for group in optimizer.param_groups)
             record["omega_left_on_model"] = hasattr(model, "selection_omega")
+    if args.checkpoint:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=args.checkpoint)
+        if rank == 0:
+            write_selection(args.checkpoint, weight_lora.report(args.stop_after))
+        torch.save({"losses": losses}, out / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        return
     dropped = [a.module for a in weight_lora.adapters if not a.kept]
     record["dropped_nonzero"] = sum(
         int(torch.count_nonzero(p.full_tensor() if is_sharded(p) else p))

@@ -17,6 +17,8 @@ Variants, each an optimizer step (forward, backward, AdamW step) on the same bat
   switched        WeightLoRA after the switch (K = n/2)                     target <= 1.02 x lora_same_modules
   lora_same       plain LoRA placed from the start on exactly the kept modules
   plus_switched   WeightLoRA+ after the switch (K = n/2, rank 2r)          target <= 1.05 x lora
+  masked_switched WeightLoRA after a mask-mode switch (FSDP2's: dropped     for comparison: what dropped adapters
+                  adapters stay in the model, zeroed and switched off)      cost when they cannot be removed
 plus the wall time of the switch itself (target < 1 s). With `--dtype bfloat16` on CUDA the steps run under bf16
 autocast, as the Trainer's `bf16=True` does (PEFT keeps the adapters in fp32), and so do CPU runs where the CPU has
 native bf16 (as the recipes default to); `--autocast off` runs without.
@@ -52,13 +54,14 @@ sys.path.insert(0, str(REPO))
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
 from wlora_trl.selection import stoiht_step  # noqa: E402
 
-VARIANTS = ["lora", "warmup", "warmup_hooks", "switched", "lora_same", "plus_switched"]
+VARIANTS = ["lora", "warmup", "warmup_hooks", "switched", "lora_same", "plus_switched", "masked_switched"]
 TARGETS = {  # variant: (baseline, largest allowed ratio)
     "warmup": ("lora", 1.05),
     "switched": ("lora_same", 1.02),
     "plus_switched": ("lora", 1.05),
 }
-COMPARISONS = {"warmup_hooks": "lora"}  # reported, not a target: v0.1's gates, the "before" of the current ones
+# Reported, not targets: v0.1's gates (the "before" of the current ones), and mask mode's switched-off adapters.
+COMPARISONS = {"warmup_hooks": "lora", "masked_switched": "switched"}
 CONFIGS = {  # random-weight models: the shapes of real ones
     "llama3-8b-shapes": dict(
         vocab_size=128256,
@@ -185,7 +188,7 @@ def build(variant: str, base, args, warmup_batch, kept_names=None) -> tuple[Vari
         return Variant(get_peft_model(model, cfg), None, autocast), None, None
     plus = variant == "plus_switched"
     cfg = WeightLoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, selection_steps=2, plus=plus)
-    weight_lora = WeightLoraModel(get_peft_model(model, cfg), max_steps=10)
+    weight_lora = WeightLoraModel(get_peft_model(model, cfg), max_steps=10, mask_mode=variant == "masked_switched")
     runner = Variant(weight_lora.model, weight_lora, autocast)
     if variant == "warmup_hooks":
         runner.omega_step = use_hook_gates(weight_lora)
@@ -318,7 +321,7 @@ def main() -> None:
     warmup_batch = make_batch(vocab, args.batch, args.seq, args.device, seed=1)
 
     runners, switch_seconds = {}, {}
-    for name in ["lora", "warmup", "warmup_hooks", "switched", "plus_switched"]:
+    for name in ["lora", "warmup", "warmup_hooks", "switched", "plus_switched", "masked_switched"]:
         runners[name], seconds, kept = build(name, base, args, warmup_batch)
         if seconds is not None:
             switch_seconds[name] = seconds

@@ -21,7 +21,7 @@ def test_speed_benchmark_smoke(tmp_path):
         capture_output=True,
     )
     result = json.loads(out.read_text())
-    variants = {"lora", "warmup", "warmup_hooks", "switched", "lora_same", "plus_switched"}
+    variants = {"lora", "warmup", "warmup_hooks", "switched", "lora_same", "plus_switched", "masked_switched"}
     assert set(result["median_step_seconds"]) == variants == set(result["peak_memory_bytes"])
     assert all(len(times) == 2 and min(times) > 0 for times in result["step_seconds"].values())
     trainable = result["trainable_parameters"]
@@ -29,7 +29,9 @@ def test_speed_benchmark_smoke(tmp_path):
     assert trainable["switched"] == trainable["lora_same"] < trainable["lora"]
     assert trainable["warmup"] == trainable["warmup_hooks"] == trainable["lora"] + 14  # plus omega, one per adapter
     assert 0 < result["switch_seconds"]["switched"] < 1
-    assert set(result["ratios"]) == {"warmup", "warmup_hooks", "switched", "plus_switched"}
+    assert set(result["ratios"]) == {"warmup", "warmup_hooks", "switched", "plus_switched", "masked_switched"}
+    # mask mode trains the same kept adapters; its dropped ones are frozen, so they are not counted as trainable
+    assert trainable["masked_switched"] == trainable["switched"]
     assert result["settings"]["adapters"] == 14
 
 

@@ -65,7 +65,7 @@ def test_the_model_is_sharded_and_the_ranks_agree_exactly(runs):
     assert rank0["adapter"].keys() == rank1["adapter"].keys()
     for key in rank0["adapter"]:
         assert torch.equal(rank0["adapter"][key], rank1["adapter"][key]), key
-    assert not rank0["omega_left_on_model"]
+    assert rank0["gates_left"] == 0 and not rank0["omega_in_state_dict"]
     assert rank0["omega_steps"]["taken"] == 2  # steps 2 and 3 (step 1 has no gradient)
 
 

@@ -173,3 +173,21 @@ def test_save_adapter_reloads_with_stock_peft_to_the_same_logits(tmp_path, plus,
     assert ranks == ({2 * R} if plus and switched else {R})
     adapted = sum(1 for m in reloaded.base_model.model.modules() if hasattr(m, "lora_A"))
     assert adapted == (7 if switched else 14)
+
+
+def test_omega_is_not_a_model_parameter_in_mask_mode():
+    # So FSDP2 neither shards it nor needs it in ignored_params, and a state-dict load cannot replace it.
+    model, weight_lora, _ = _setup(True)
+    omega = weight_lora.omega_parameters()
+    assert len(omega) == 14
+    ids = {id(p) for p in omega}
+    assert not any(id(p) in ids for p in model.parameters())
+    assert not any("omega" in key for key in model.state_dict())
+    # The gradient still reaches it: zero at step 1 (every B is zero), nonzero once B has moved.
+    optimizer = torch.optim.AdamW(weight_lora.trainable_parameters(), lr=1e-2)
+    model(input_ids=PROBE, labels=PROBE).loss.backward()
+    assert torch.count_nonzero(weight_lora.take_omega_grad()) == 0
+    optimizer.step()
+    optimizer.zero_grad()
+    model(input_ids=PROBE, labels=PROBE).loss.backward()
+    assert torch.count_nonzero(weight_lora.take_omega_grad()) > 7

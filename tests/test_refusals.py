@@ -73,17 +73,21 @@ def test_lora_variants_are_refused():
 
 
 @pytest.mark.parametrize(
-    "field, value, message",
+    "fields, message",
     [
-        ("fsdp", [FSDPOption.FULL_SHARD], "does not support DeepSpeed or FSDP.*wlora-trl select"),
-        ("deepspeed", {"zero_optimization": {"stage": 2}}, "does not support DeepSpeed or FSDP.*two-stage route"),
-        ("load_best_model_at_end", True, "load_best_model_at_end=True is not supported"),
+        (
+            {"fsdp": [FSDPOption.FULL_SHARD], "fsdp_config": {"version": 1}},
+            "does not support DeepSpeed or FSDP version 1.*FSDP2.*wlora-trl select",
+        ),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "does not support DeepSpeed or FSDP.*two-stage"),
+        ({"load_best_model_at_end": True}, "load_best_model_at_end=True is not supported"),
     ],
 )
-def test_unsupported_training_setups_are_refused(tmp_path, field, value, message):
+def test_unsupported_training_setups_are_refused(tmp_path, fields, message):
     # TrainingArguments will not even build FSDP/DeepSpeed settings on one CPU process; set them afterwards.
     args = cpu_args(tmp_path)
-    setattr(args, field, value)
+    for field, value in fields.items():
+        setattr(args, field, value)
     with pytest.raises(ValueError, match=message):
         WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=WeightLoraConfig(**CFG))
 

@@ -45,12 +45,22 @@ def rewrap_ddp(accelerator, model: torch.nn.Module, wrapped: torch.nn.Module) ->
     return new
 
 
+def collective_device(tensor: torch.Tensor) -> torch.device:
+    """Where `tensor` must be for a collective on the default group: the CPU for gloo; for a GPU backend (NCCL) the
+    tensor's GPU, or this process's current one for a CPU tensor (mask mode's omega before its first forward)."""
+    if torch.distributed.get_backend() == "gloo":
+        return torch.device("cpu")
+    if tensor.device.type != "cpu":
+        return tensor.device
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index()) if accelerator else tensor.device
+
+
 def check_ranks_agree(omega: torch.Tensor | None) -> None:
     """Raise unless every process holds the same omega (hence the same kept set): one small all-gather."""
     if omega is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    device = omega.device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
-    mine = omega.detach().to(device)
+    mine = omega.detach().to(collective_device(omega))
     gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, mine)
     differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]

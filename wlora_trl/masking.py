@@ -108,14 +108,15 @@ def reinit_in_place(
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of `tensor` over the default process group (itself without one): omega's gradient under FSDP2,
-    which leaves omega unsharded and so does not reduce it. gloo has no AVG, hence SUM / world size."""
+    which does not see omega and so does not reduce it. gloo has no AVG, hence SUM / world size."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return tensor
     world = torch.distributed.get_world_size()
     if world == 1:
         return tensor
-    device = tensor.device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
-    reduced = tensor.detach().to(device).clone()
+    from .distributed import collective_device
+
+    reduced = tensor.detach().to(collective_device(tensor)).clone()
     torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
     return (reduced / world).to(tensor.device)
 

@@ -14,12 +14,12 @@ The trainers use it; so can any training loop (plain PyTorch, accelerate):
         if step == weight_lora.selection_steps:
             weight_lora.switch(optimizer)  # drop, re-initialise; edits the optimizer in place
 
-Under FSDP2 (`fully_shard`), make it with `mask_mode=True` before sharding and keep omega out of the sharding:
+Under FSDP2 (`fully_shard`), make it with `mask_mode=True` before sharding (omega is then not a model parameter):
 
     weight_lora = WeightLoraModel(model, max_steps=1000, mask_mode=True)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
-    fully_shard(model, ignored_params=set(weight_lora.omega_parameters()))
+    fully_shard(model)
     ...                                # the same loop; omega's gradient is all-reduced in omega_step
     weight_lora.save_adapter("out")    # on every rank: gathers the kept adapters, rank 0 writes a stock adapter
 
@@ -153,8 +153,8 @@ class WeightLoraModel:
     `mask_mode=True` keeps the model's structure fixed, as FSDP2 needs (`wlora_trl.masking`): the switch zeroes,
     freezes and switches off the dropped adapters instead of removing them, re-initialises the kept ones in place,
     and WeightLoRA+ adapters are allocated at rank 2r from the start (the extra half held at zero until the
-    switch). omega's gradient is averaged over the processes (FSDP2 leaves omega, which must be in `fully_shard`'s
-    `ignored_params`, unreduced). Construct it before the model is sharded; export with `save_adapter`.
+    switch). omega is kept outside the model (FSDP2 neither shards nor reduces it) and its gradient is averaged over
+    the processes here. Construct it before the model is sharded; export with `save_adapter`.
     """
 
     def __init__(self, model: PeftModel, max_steps: int | None = None, mask_mode: bool = False) -> None:
@@ -200,7 +200,7 @@ class WeightLoraModel:
         if sharded:
             raise ValueError(
                 f"The adapters are sharded already ({_few(sharded)}): make the WeightLoraModel (with mask_mode=True) "
-                "before fully_shard, and pass fully_shard(model, ignored_params=set(weight_lora.omega_parameters()))."
+                "before fully_shard."
             )
         self.mask_mode = mask_mode
         if mask_mode and config.plus:
@@ -214,7 +214,8 @@ class WeightLoraModel:
         self._outcome_counts: torch.Tensor | None = None  # per outcome code of the StoIHT step, on omega's device
         self._restored_counts = [0] * len(OUTCOMES)  # from a checkpoint
         if config.selection == "stoiht":
-            self.gates = OmegaGates(model, [module for _, module in layers], self.adapter_name)
+            # Mask mode: omega outside the model, so FSDP2 leaves it alone (see selection.py).
+            self.gates = OmegaGates(model, [module for _, module in layers], self.adapter_name, register=not mask_mode)
             self._outcome_counts = torch.zeros(len(OUTCOMES), dtype=torch.int64, device=self.omega.device)
             self._optimizer_guard = _OmegaOptimizerGuard(self)
         if max_steps is not None:
@@ -290,6 +291,8 @@ class WeightLoraModel:
         values = self.gates.values
         code = stoiht_step(values, grad, self.config.omega_lr, self.k, skip=skip)
         self.gates.assign(values)
+        if self._outcome_counts.device != code.device:  # mask mode's omega moved to its adapters' device
+            self._outcome_counts = self._outcome_counts.to(code.device)
         self._outcome_counts.index_add_(0, code.reshape(1), torch.ones_like(code).reshape(1))
         return code == STEP_TAKEN
 
@@ -469,6 +472,12 @@ class WeightLoraModel:
             modules, ranks = dict(zip(self.module_names, omega)), self.warmup_ranks
         return gathered_adapter_state_dict(self.model, modules, self.adapter_name, ranks)
 
+    def warmup_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter's weights as they are (not folded, full allocated rank), in PEFT's file keys: what resuming
+        a warm-up checkpoint loads back. A collective under FSDP2."""
+        ranks = {name: int(self.base.get_submodule(name).r[self.adapter_name]) for name in self.module_names}
+        return gathered_adapter_state_dict(self.model, dict.fromkeys(self.module_names), self.adapter_name, ranks)
+
     def adapter_config(self) -> LoraConfig:
         """The stock `LoraConfig` of `adapter_state_dict()` (exact module names; no WeightLoRA fields)."""
         if self.switched:
@@ -497,8 +506,10 @@ class WeightLoraModel:
         config.save_pretrained(directory)
         write_selection(directory, self.report())
 
-    def restore(self, report: SelectionReport) -> None:
-        """Return to the state a `report()` describes (resuming a checkpoint), before its weights are loaded."""
+    def restore(self, report: SelectionReport, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Return to the state a `report()` describes (resuming a checkpoint), before its weights are loaded. Pass
+        the `optimizer` if it exists already (FSDP2 in the Trainer builds it before loading a checkpoint): a switch
+        replayed here edits it as the original one did."""
         if [a.module for a in report.adapters] != self.module_names or report.k != self.k:
             raise ValueError(
                 "The checkpoint's selection.json describes other adapters (modules or K differ) than this model "
@@ -507,7 +518,7 @@ class WeightLoraModel:
         self.selection_steps = report.selection_steps
         self._restored_counts = [int(report.omega_steps.get(name, 0)) for name in OUTCOMES]
         if report.switched:
-            self.switch(kept=[a.index for a in report.adapters if a.kept], announce=False)
+            self.switch(optimizer, kept=[a.index for a in report.adapters if a.kept], announce=False)
             self.adapters = list(report.adapters)  # the checkpoint's record, not this fresh model's omega
         elif self.gates is not None:
             self.gates.assign(torch.tensor([a.omega for a in report.adapters], dtype=torch.float32))

@@ -17,7 +17,9 @@ parameters, state-dict keys and everything PEFT saves stay as they were), whose 
 omega is n fp32 0-d parameters, one per adapter, registered on the `PeftModel`
 itself as the `nn.ParameterList` `selection_omega`, not on a tuner layer, so PEFT's adapter file never contains
 them (PEFT saves tuner-layer parameters whose names contain "lora_"), while DDP sees them as model parameters and
-all-reduces their gradients.
+all-reduces their gradients. In mask mode (FSDP2) omega is not registered at all: `fully_shard` would otherwise shard
+it or need it in `ignored_params`, and accelerate's rank-0 loading cannot load ignored parameters; mask mode
+averages omega's gradient itself.
 """
 
 from __future__ import annotations
@@ -99,6 +101,17 @@ class OmegaGatedLinear(nn.Linear):
         return F.linear(input, (weight.float() * omega).to(weight.dtype), self.bias)
 
 
+class DetachedOmegaGatedLinear(OmegaGatedLinear):
+    """The gate of mask mode, whose omega is not a parameter of the model (so FSDP2 neither shards it nor loads it,
+    and `fully_shard` needs no `ignored_params`): omega follows its adapter to wherever sharding or `.to()` put it."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        omega = self.__dict__["omega_gate"]
+        if omega.device != self.weight.device:
+            omega.data = omega.data.to(self.weight.device)  # same Parameter object: the gates keep it
+        return super().forward(input)
+
+
 class OmegaGates:
     """omega (ones at start) and its gates on the `lora_A` of each LoRA layer, in adapter order.
 
@@ -111,8 +124,8 @@ class OmegaGates:
     replace a parameter's storage, cannot detach omega from its gates.
     """
 
-    def __init__(self, owner: nn.Module, layers: list[nn.Module], adapter_name: str) -> None:
-        self.owner = owner
+    def __init__(self, owner: nn.Module, layers: list[nn.Module], adapter_name: str, register: bool = True) -> None:
+        self.owner = owner if register else None
         self.adapter_name = adapter_name
         self.modules: list[nn.Linear] = [layer.lora_A[adapter_name] for layer in layers]
         for module in self.modules:
@@ -120,12 +133,16 @@ class OmegaGates:
                 raise TypeError(
                     f"WeightLoRA gates plain nn.Linear lora_A modules; this model's is a {type(module).__name__}."
                 )
+        # On the CPU for an adapter still on the meta device (a rank that loads its weights later); a detached omega
+        # follows its adapter at the first forward.
         self.parameters = nn.ParameterList(
-            [nn.Parameter(torch.ones((), dtype=torch.float32, device=m.weight.device)) for m in self.modules]
+            [nn.Parameter(torch.ones((), dtype=torch.float32, device=_real(m.weight.device))) for m in self.modules]
         )
-        owner.add_module(OMEGA_PARAMETER_NAME, self.parameters)
+        if register:
+            owner.add_module(OMEGA_PARAMETER_NAME, self.parameters)
+        gate_class = OmegaGatedLinear if register else DetachedOmegaGatedLinear
         for module, parameter in zip(self.modules, self.parameters):
-            module.__class__ = OmegaGatedLinear
+            module.__class__ = gate_class
             module.__dict__["omega_gate"] = parameter
 
     @property
@@ -169,4 +186,9 @@ class OmegaGates:
         for module in self.modules:
             module.__class__ = nn.Linear
             module.__dict__.pop("omega_gate", None)
-        delattr(self.owner, OMEGA_PARAMETER_NAME)
+        if self.owner is not None:
+            delattr(self.owner, OMEGA_PARAMETER_NAME)
+
+
+def _real(device: torch.device) -> torch.device:
+    return torch.device("cpu") if device.type == "meta" else device

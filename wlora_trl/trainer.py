@@ -18,18 +18,24 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
   same StoIHT steps; after the switch the model is re-wrapped in a new DDP, so the re-created adapters are
   synchronised too.
 
-Limits: FSDP and DeepSpeed are refused, one adapter, plain LoRA on linear layers (no DoRA or
+- FSDP2 (accelerate's `fsdp_version: 2`, `wlora_trl/cli/accelerate_configs/fsdp2.yaml`): the switch runs in mask mode
+  (dropped adapters zeroed and switched off in place, kept ones re-initialised shard by shard), omega lives outside
+  the sharded model, and `save_model` gathers only the kept adapters into a stock PEFT adapter.
+
+Limits: DeepSpeed and FSDP version 1 are refused, one adapter, plain LoRA on linear layers (no DoRA or
 other variants), `load_best_model_at_end` refused (checkpoints on either side of the switch differ in structure).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
@@ -38,12 +44,14 @@ from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
 from .card import write_model_card
 from .config import CITATION, WeightLoraConfig
 from .distributed import check_ranks_agree, ddp_inside, rewrap_ddp
-from .export import export_warmup_adapter, pad_adapter, restore_warmup_weights
+from .export import WARMUP_STATE_FILE, export_warmup_adapter, pad_adapter, restore_warmup_weights
 from .model import WeightLoraModel
 from .portable import write_lora_targets
 from .state import SelectionReport, kept_per_projection, read_selection, write_selection
 from .surgery import innermost_optimizer
 from .trackers import log_heatmap_to_trackers
+
+logger = logging.getLogger(__name__)
 
 
 def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
@@ -63,20 +71,27 @@ def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
 
 
 SHARDING_UNSUPPORTED = (
-    "WeightLoRA does not support DeepSpeed or FSDP yet: they shard the parameters that the switch at step T "
-    "rebuilds. Supported: one process, or data-parallel (DDP) through `accelerate launch` / torchrun. For a model "
-    "past one GPU's memory use the two-stage route: select on one GPU (a 4-bit base works) with `wlora-trl select` "
-    "or `trainer.select_adapters()`, then train `lora_config_from_selection(dir)` with stock TRL under FSDP or "
-    "DeepSpeed (README: 'Past one GPU'); or, in your own training loop, FSDP2 with WeightLoraModel(model, "
-    "mask_mode=True) (README: 'Under FSDP2'). Otherwise remove the deepspeed/fsdp settings."
+    "WeightLoRA does not support DeepSpeed or FSDP version 1: they shard the parameters that the switch at step T "
+    "rebuilds, and have no mask mode. Supported: one process, data-parallel (DDP) through `accelerate launch` / "
+    "torchrun, and FSDP2 (`fsdp_version: 2`, the packaged `wlora-trl config-path fsdp2`). Another route for a model "
+    "past one GPU's memory is two-stage: select on one GPU (a 4-bit base works) with `wlora-trl select` or "
+    "`trainer.select_adapters()`, then train `lora_config_from_selection(dir)` with stock TRL under any engine "
+    "(README: 'Past one GPU'). Otherwise remove the deepspeed/fsdp settings."
 )
+
+
+def _fsdp_version(args: Any) -> int | None:
+    """The FSDP version the arguments ask for (transformers defaults to 2), or None without FSDP."""
+    if not getattr(args, "fsdp", None):
+        return None
+    return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
 
 
 def _check_training_args(args: Any) -> None:
     """Refuse setups WeightLoRA does not support, before the parent trainer builds anything."""
     if args is None:
         return
-    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+    if getattr(args, "deepspeed", None) or _fsdp_version(args) not in (None, 2):
         raise ValueError(SHARDING_UNSUPPORTED)
     if args.load_best_model_at_end:
         raise ValueError(
@@ -95,6 +110,8 @@ class WeightLoraMixin:
     """
 
     weight_lora: WeightLoraModel
+    # Mask mode without FSDP2 (tests on a CPU, where accelerate does not enable FSDP): the same switch, unsharded.
+    _force_mask_mode = False
 
     def __init__(self, *args, **kwargs):
         _check_training_args(kwargs.get("args", args[1] if len(args) > 1 else None))
@@ -106,7 +123,8 @@ class WeightLoraMixin:
     def _setup_weight_lora(self) -> None:
         args = self.args
         _check_training_args(args)  # again: SFTTrainer may have built its own args
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # enabled by an accelerate config, not the args
+        fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not fsdp2):  # an accelerate config, not the args
             raise ValueError(SHARDING_UNSUPPORTED)
         if args.n_gpu > 1:
             # Several GPUs in one process: the Trainer would wrap the model in nn.DataParallel, whose replicas
@@ -117,7 +135,14 @@ class WeightLoraMixin:
                 "--num_processes N` or `torchrun --nproc_per_node N` (one process per GPU), or expose one GPU with "
                 "CUDA_VISIBLE_DEVICES."
             )
-        self.weight_lora = WeightLoraModel(self.model)
+        if fsdp2:
+            logger.warning(
+                "WeightLoRA under FSDP2: the switch runs in mask mode (dropped adapters are zeroed and switched off in "
+                "place). The trainers' FSDP2 path is new: its sharded switch, export and checkpoints are tested on 2 "
+                "CPU processes and its Trainer run by the GPU kit; please report anything that differs from DDP."
+            )
+        # FSDP2 shards the model per decoder layer, so the switch must keep its structure: mask mode.
+        self.weight_lora = WeightLoraModel(self.model, mask_mode=fsdp2 or self._force_mask_mode)
         if args.max_steps > 0:
             self.weight_lora.set_max_steps(args.max_steps)  # refuse an impossible T now, not at train()
         self._omega_grad: torch.Tensor | None = None
@@ -208,7 +233,7 @@ class WeightLoraMixin:
             # select_adapters, which switches at the end of step T; training_step counts it otherwise).
             self.weight_lora.skip_omega_step()
         self._omega_grad = None
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not self.weight_lora.mask_mode:  # mask mode checks it itself
             check_ranks_agree(self.weight_lora.omega)
         self.weight_lora.switch(self.optimizer, seed=self.args.seed, announce=False)
         if ddp_inside(self.model_wrapped) is not None:
@@ -269,10 +294,12 @@ class WeightLoraMixin:
     def _undo_evaluation_prepare(self) -> None:
         """`evaluate()` before `train()` prepares the bare model in evaluation mode, which marks it as prepared:
         `train()` would then get it back unwrapped, and every rank would train alone. Forget that preparation."""
-        if self.accelerator.num_processes > 1 and self.model_wrapped is self.model:
+        if self.accelerator.num_processes > 1 and self.model_wrapped is self.model and not self.weight_lora.mask_mode:
             undo_evaluation_prepare(self.accelerator, self.model)
 
     def _check_data_parallel_wrapper(self) -> None:
+        if self.weight_lora.mask_mode:
+            return  # FSDP2 shards the model in place: there is no wrapper to lose
         if self.accelerator.num_processes > 1 and ddp_inside(self.model_wrapped) is None:
             raise RuntimeError(
                 f"WeightLoRA: {self.accelerator.num_processes} processes are training, but the model is not wrapped "
@@ -296,10 +323,21 @@ class WeightLoraMixin:
 
         `padded=True`: an adapter on every targeted (layer, projection), zeros where one was dropped, for serving
         engines that want that shape (see `export.pad_adapter`)."""
-        super().save_model(output_dir, _internal_call)
+        directory = output_dir or self.args.output_dir
+        if self.weight_lora.mask_mode:
+            # FSDP2: every rank gathers the kept adapters only (never the base model: the Trainer's full state dict
+            # would gather all of it, and PEFT would save the switched-off adapters too); rank 0 writes the stock
+            # adapter (omega folded in during the warm-up). Resuming uses the Trainer's own FSDP checkpoint files.
+            self.weight_lora.save_adapter(directory, is_main_process=self.args.should_save)
+            raw = self.weight_lora.warmup_state_dict() if not self.weight_lora.switched else None
+            if self.args.should_save:
+                self._save_tokenizer_and_args(directory)
+                if raw is not None:  # the unfolded warm-up weights, for a resume without FSDP's own files
+                    save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
+        else:
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            directory = output_dir or self.args.output_dir
-            if not self.weight_lora.switched:
+            if not self.weight_lora.switched and not self.weight_lora.mask_mode:
                 # During the warm-up: fold omega into the saved lora_B and write a stock config, so the file is
                 # the model being trained; keep the unfolded weights beside it for resuming.
                 export_warmup_adapter(directory, self.weight_lora)
@@ -311,6 +349,14 @@ class WeightLoraMixin:
                 write_lora_targets(directory, report)
             if padded:
                 pad_adapter(directory, directory)
+
+    def _save_tokenizer_and_args(self, directory: str) -> None:
+        """What `Trainer._save` writes beside the weights."""
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(directory)
+        torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
 
     def create_model_card(self, *args, **kwargs) -> None:
         # TRL writes its card into output_dir at every checkpoint, and both libraries at push_to_hub: write ours, which
@@ -327,10 +373,18 @@ class WeightLoraMixin:
         # Rebuild the checkpoint's structure (and omega) first: the Trainer loads adapter weights into the current
         # structure, which after the switch has other modules and ranks than a fresh model. A warm-up checkpoint's
         # adapter file has omega folded in; the unfolded weights beside it are what the run continues from.
-        self.weight_lora.restore(read_selection(resume_from_checkpoint))
+        weight_lora = self.weight_lora
+        # Under FSDP2 the Trainer builds the optimizer before it loads a checkpoint: a replayed switch edits it.
+        weight_lora.restore(read_selection(resume_from_checkpoint), self.optimizer if weight_lora.mask_mode else None)
+        if weight_lora.mask_mode and not weight_lora.switched and not self.is_fsdp_enabled:
+            # Mask mode without FSDP's own files: the adapter file is the rank-r export (WeightLoRA+ allocates 2r),
+            # so only the unfolded warm-up weights beside it fit.
+            restore_warmup_weights(resume_from_checkpoint, weight_lora)
+            return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not self.weight_lora.switched:
-            restore_warmup_weights(resume_from_checkpoint, self.weight_lora)
+        if not weight_lora.switched and not self.is_fsdp_enabled:
+            # (Under FSDP2 the Trainer's own FSDP files hold the unfolded weights; omega comes from selection.json.)
+            restore_warmup_weights(resume_from_checkpoint, weight_lora)
 
 
 class _SwitchThenStop(TrainerCallback):
@@ -366,7 +420,7 @@ _REFUSALS = """
         ValueError: no LoRA adapters (neither `peft_config` nor a PeftModel); several adapters; LoRA on parameters
             (`target_parameters`, e.g. mixture-of-experts experts with `all-linear`), on embeddings
             (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or K > n; T >= `max_steps`;
-            FSDP or DeepSpeed; `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a
+            FSDP version 1 or DeepSpeed; `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a
             model that went through the switch already. (LoRA variants, `lora_bias`, unsupported inits, and
             `plus=True` with a K other than n/2 are refused by `WeightLoraConfig` itself.)
 

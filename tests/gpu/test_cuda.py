@@ -333,6 +333,47 @@ def test_one_process_torchrun_takes_the_ddp_rewrap_path(tmp_path, device):
         torch.testing.assert_close(ddp["adapters"][name], value, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # child processes under accelerate launch
+def test_trainer_under_accelerate_fsdp2_switches_in_mask_mode_saves_and_resumes(tmp_path, cuda):
+    """The packaged fsdp2.yaml with one process: the Trainer shards the model (FSDP2), switches in mask mode, saves a
+    stock adapter that reloads to the sharded model's logits, and resumes its sharded checkpoints from before and
+    after T to the same losses."""
+    from wlora_trl.cli.launch import packaged_accelerate_configs
+
+    worker = Path(__file__).parent / "fsdp2_worker.py"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(packaged_accelerate_configs()["fsdp2"]), "--num_processes", "1", "--mixed_precision", "no", str(worker),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, *flags):
+        done = subprocess.run([*launch, str(out), *flags], capture_output=True, text=True, env=env, timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return torch.load(out / "record.pt")
+
+    full = run(tmp_path / "full")
+    assert full["fsdp"] and full["mask_mode"] and full["fsdp_module"] and full["sharded_parameters"] > 0
+    assert full["switched"] and len(full["kept"]) == 7
+    assert full["omega_steps"]["taken"] == 3  # steps 2-4
+    trainable = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in full["trainable"]}
+    assert trainable == set(full["kept"])  # dropped adapters frozen; nothing else trains
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "full" / "adapter").to(cuda).eval()
+    probe = torch.arange(3, 35).reshape(2, 16).to(cuda)
+    with torch.no_grad():
+        logits = reloaded(input_ids=probe).logits.float().cpu()
+        with reloaded.disable_adapter():
+            base = reloaded(input_ids=probe).logits.float().cpu()
+    assert (full["logits"] - base).abs().max() > 1e-2  # the adapter's own effect
+    torch.testing.assert_close(logits, full["logits"], rtol=0, atol=1e-4)
+    for step in (2, 6):  # before and after T = 4
+        checkpoint = tmp_path / "full" / "run" / f"checkpoint-{step}"
+        resumed = run(tmp_path / f"resumed-{step}", "--resume", str(checkpoint))
+        assert resumed["kept"] == full["kept"]
+        for later in range(step + 1, 9):
+            assert resumed["losses"][later] == pytest.approx(full["losses"][later], abs=1e-4), (step, later)
+
+
 # --- 6. TRL's SFTTrainer on its defaults (bf16 and gradient checkpointing on) -------------------------------------
 
 

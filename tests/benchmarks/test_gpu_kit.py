@@ -67,7 +67,7 @@ def test_dry_run_has_the_fields_the_readme_table_reads(dry_run):
     out, summary = dry_run
     for name in kit.SPEED_RUNS:
         speed = summary["speed"][name]
-        assert set(speed["ratios"]) == {"warmup", "warmup_hooks", "switched", "plus_switched"}
+        assert set(speed["ratios"]) == {"warmup", "warmup_hooks", "switched", "plus_switched", "masked_switched"}
         assert set(speed["peak_memory_bytes"]) >= {"lora", "switched"}
         assert speed["settings"]["adapters"] == 14 and speed["switch_seconds"]["switched"] > 0
     memory = summary["memory"]

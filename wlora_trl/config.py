@@ -56,7 +56,10 @@ class WeightLoraConfig(LoraConfig):
         plus (`bool`, defaults to `False`): WeightLoRA+: keep n/2 adapters at rank 2r (alpha doubled, so alpha/r
             is unchanged), LoRA's parameter budget.
         reinit (`bool`, defaults to `True`): re-initialise kept adapters at the switch (the paper); False keeps
-            their weights and folds omega into B, so the switch does not change the model's function.
+            their weights and folds omega into B, so the switch does not change the model's function. In the
+            300-step SmolLM2 / GSM8K study False lowered the held-out loss on every seed (by about 0.003 for
+            WeightLoRA and 0.0015 for WeightLoRA+, more with a longer warm-up): prefer it when T is a large share of
+            the run, or when the switch must not change the model.
         selection (`"stoiht" | "random"`, defaults to `"stoiht"`): the paper's method, or K random adapters kept
             after T steps without omega (the paper's RLoRA ablation).
 
@@ -110,7 +113,9 @@ class WeightLoraConfig(LoraConfig):
         default=True,
         metadata={
             "help": "Re-initialise kept adapters at the switch (A random, B zero), as the paper does. False keeps "
-            "their trained A and B and folds omega_i into B, so the model's function is unchanged by the switch."
+            "their trained A and B and folds omega_i into B, so the model's function is unchanged by the switch; in "
+            "the README's 300-step study it lowered the held-out loss slightly on every seed (more with a longer "
+            "warm-up), so prefer it when T is a large share of the run."
         },
     )
     selection: Literal["stoiht", "random"] = field(

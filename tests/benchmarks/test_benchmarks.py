@@ -116,3 +116,24 @@ def test_committed_llamacpp_roundtrip_supports_the_readme():
     assert all(r["adapter_changes_greedy_tokens"] for r in result["prompts"]["f32"])
     assert max(r["adapter_delta_max_abs_diff"] for r in result["prompts"]["f32"]) < 0.05  # applied as PEFT does
     assert result["conversion"]["adapter_modules"] < 210 and not result["conversion"]["rank_pattern"]
+
+
+def test_the_committed_quality_study_is_complete_and_the_readme_shows_its_tables():
+    """The README's quality tables are what benchmarks/quality.py renders from the committed study, and the committed
+    records are the whole study on its default settings (nothing left to train)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    results = QUALITY.parent / "results"
+    result = json.loads((results / "quality.json").read_text())
+    table = quality.markdown(result)
+    assert (results / "quality.md").read_text() == table
+    assert table in (QUALITY.parent.parent / "README.md").read_text()
+    assert result["settings"]["max_steps"] == 300 and result["settings"]["seeds"] == [0, 1, 2]
+    assert all(len(arm["heldout_loss"]["values"]) == 3 for arm in result["summary"].values())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    progress = subprocess.run([sys.executable, str(QUALITY), "--no_train"], capture_output=True, text=True, env=env)
+    assert progress.returncode == 0, progress.stderr[-2000:]
+    assert "24 runs recorded; 0 to go" in progress.stdout

@@ -24,7 +24,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .surgery import adapter_parameters
+from .surgery import adapter_parameters, alpha_for_rank, rebuild_adapter
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -64,8 +64,6 @@ def lora_init_a(rank: int, in_features: int, init_lora_weights: bool | str) -> t
 def preallocate_double_rank(layer: LoraLayer, adapter_name: str, config) -> None:
     """WeightLoRA+ in mask mode, before sharding: give the adapter rank 2r (alpha doubled, so alpha/r and the
     function stay), its first r rows of A and columns of B the adapter's own, the rest zero."""
-    from .surgery import alpha_for_rank, rebuild_adapter
-
     rank = layer.r[adapter_name]
     alpha = alpha_for_rank(layer.lora_alpha[adapter_name], rank, 2 * rank, config.use_rslora)
     with torch.random.fork_rng(devices=[]):  # PEFT draws a throwaway init here; leave the user's stream alone

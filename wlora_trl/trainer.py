@@ -329,7 +329,8 @@ class WeightLoraMixin:
             # would gather all of it, and PEFT would save the switched-off adapters too); rank 0 writes the stock
             # adapter (omega folded in during the warm-up). Resuming uses the Trainer's own FSDP checkpoint files.
             self.weight_lora.save_adapter(directory, is_main_process=self.args.should_save)
-            raw = self.weight_lora.warmup_state_dict() if not self.weight_lora.switched else None
+            # Under FSDP2 the Trainer's own FSDP files hold the unfolded weights: gather them again only without it.
+            raw = None if self.weight_lora.switched or self.is_fsdp_enabled else self.weight_lora.warmup_state_dict()
             if self.args.should_save:
                 self._save_tokenizer_and_args(directory)
                 if raw is not None:  # the unfolded warm-up weights, for a resume without FSDP's own files

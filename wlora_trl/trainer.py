@@ -136,10 +136,10 @@ class WeightLoraMixin:
                 "CUDA_VISIBLE_DEVICES."
             )
         if fsdp2:
-            logger.warning(
-                "WeightLoRA under FSDP2: the switch runs in mask mode (dropped adapters are zeroed and switched off in "
-                "place). The trainers' FSDP2 path is new: its sharded switch, export and checkpoints are tested on 2 "
-                "CPU processes and its Trainer run by the GPU kit; please report anything that differs from DDP."
+            logger.info(
+                "WeightLoRA under FSDP2: the switch runs in mask mode (dropped adapters are zeroed, frozen and switched "
+                "off in place; they keep their share of the sharded LoRA weights), and save_model gathers the kept "
+                "adapters only."
             )
         # FSDP2 shards the model per decoder layer, so the switch must keep its structure: mask mode.
         self.weight_lora = WeightLoraModel(self.model, mask_mode=fsdp2 or self._force_mask_mode)

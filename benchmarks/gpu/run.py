@@ -12,6 +12,8 @@ Steps, each in its own process with its own time limit (a failing step is record
   memory  benchmarks/gpu/memory.py: CUDA memory per phase of Trainer runs, LoRA vs WeightLoRA vs WeightLoRA+
   speed   benchmarks/speed.py in bf16 on Llama-3-8B shapes (r=16, all 7 projections of 32 layers, 4 x 512 tokens)
           and on SmolLM2-135M shapes (r=8, 2 x 128 tokens: where Python overhead shows)
+  fsdp2   benchmarks/fsdp2_cost.py, one process under `fully_shard` on SmolLM2-135M shapes: WeightLoRA after its
+          mask-mode switch against LoRA on the kept modules (its JSON is folded into the kit's: 8 files come back)
 
 Writes into OUT_DIR: gpu_kit_<device>.json (everything, with the machine, versions, command and date),
 gpu_kit_<device>.md (the README table), the memory and speed JSONs, pytest_gpu.xml. Needs nothing from the
@@ -30,6 +32,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from importlib import metadata
@@ -48,8 +51,12 @@ SPEED_RUNS = {  # name: (speed.py flags on CUDA, flags in the dry run)
         ["--model", "tiny", "--r", "8", "--batch", "2", "--seq", "16", "--rounds", "2"],
     ),
 }
+FSDP2_RUN = (  # benchmarks/fsdp2_cost.py flags on CUDA (one process, NCCL) and in the dry run (gloo)
+    ["--model", "smollm2-135m-shapes", "--lora_r", "8", "--batch", "2", "--seq", "128", "--rounds", "30"],
+    ["--model", "tiny", "--lora_r", "8", "--batch", "1", "--seq", "16", "--rounds", "2"],
+)
 # Seconds per step: well above what each took on an H100/H200, and together under the kit's 8-minute budget.
-STEP_LIMITS = {"tests": 240, "memory": 90, "speed:llama3-8b-shapes": 180, "speed:smollm2-135m-shapes": 90}
+STEP_LIMITS = {"tests": 240, "memory": 90, "speed:llama3-8b-shapes": 180, "speed:smollm2-135m-shapes": 90, "fsdp2": 60}
 TEST_LIMIT = 90  # per test, where pytest-timeout is installed: one hung test must not take the whole step's report
 
 
@@ -174,7 +181,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--dry-run", action="store_true", help="on a CPU: tiny shapes, CUDA-only tests skipped")
-    parser.add_argument("--steps", default="tests,memory,speed", help="comma-separated subset of tests,memory,speed")
+    parser.add_argument(
+        "--steps", default="tests,memory,speed,fsdp2", help="comma-separated subset of tests,memory,speed,fsdp2"
+    )
     args = parser.parse_args()
     import torch
 
@@ -237,6 +246,16 @@ def main() -> int:
             )
             summary["speed"][name] = speed_summary(speed_json)
 
+    if "fsdp2" in steps:
+        with tempfile.TemporaryDirectory() as tmp:
+            fsdp2_json = Path(tmp) / "fsdp2_cost.json"
+            flags = FSDP2_RUN[1] if args.dry_run else [*FSDP2_RUN[0], "--dtype", dtype]
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+            summary["steps"]["fsdp2"] = run_step(
+                "fsdp2", [*launcher, "benchmarks/fsdp2_cost.py", *flags, "--output", str(fsdp2_json)], log
+            )
+            summary["fsdp2"] = json.loads(fsdp2_json.read_text()) if fsdp2_json.exists() else None
+
     summary["checks"] = collect_checks(summary)
     (out / f"gpu_kit_{slug}.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = render_table(summary)
@@ -259,6 +278,8 @@ def collect_checks(summary: dict) -> dict[str, bool]:
         checks["tests ran"] = any(t["outcome"] == "passed" for t in summary.get("tests") or [])
     if summary.get("memory"):
         checks.update({f"memory: {k}": v for k, v in summary["memory"]["checks"].items()})
+    if "fsdp2" in summary["steps"]:
+        checks["fsdp2 wrote its results"] = summary.get("fsdp2") is not None
     for name, speed in (summary.get("speed") or {}).items():
         if speed is None:
             checks[f"speed {name} wrote its results"] = False
@@ -308,6 +329,22 @@ def render_table(summary: dict) -> str:
             "",
             "Targets: warm-up / LoRA <= 1.05, switched / LoRA on the same modules <= 1.02, WeightLoRA+ / LoRA "
             "<= 1.05, switch < 1 s, peak memory after the switch < LoRA's.",
+            "",
+        ]
+        masked = {
+            name: s["ratios"]["masked_switched"] for name, s in speeds.items() if "masked_switched" in s["ratios"]
+        }
+        if masked:
+            ratios = ", ".join(f"{name} {ratio:.3f}" for name, ratio in masked.items())
+            lines += [f"Mask mode (FSDP2's switch, here unsharded) after the switch / module swap: {ratios}.", ""]
+    fsdp2 = summary.get("fsdp2")
+    if fsdp2:
+        st, r = fsdp2["settings"], fsdp2["ratios_to_lora_same"]
+        lines += [
+            f"FSDP2 (`fully_shard`, {fsdp2['machine']['world_size']} process, {st['model']}, r = {st['lora_r']}, "
+            f"{st['batch']} x {st['seq']} tokens): WeightLoRA after its mask-mode switch / LoRA on the kept modules "
+            f"{r['masked']:.3f}; LoRA on all modules / on the kept ones {r['lora']:.3f} "
+            f"(LoRA on the kept modules: {fsdp2['median_step_seconds']['lora_same'] * 1000:.1f} ms a step).",
             "",
         ]
     memory = summary.get("memory")

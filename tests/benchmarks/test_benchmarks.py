@@ -35,6 +35,47 @@ def test_speed_benchmark_smoke(tmp_path):
     assert result["settings"]["adapters"] == 14
 
 
+FSDP2_COST = SPEED.parent / "fsdp2_cost.py"
+
+
+def test_fsdp2_cost_benchmark_smoke(tmp_path):
+    """2 gloo ranks, tiny model: the arms run sharded, and the sizes say what mask mode keeps and what it drops."""
+    out = tmp_path / "fsdp2.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(FSDP2_COST)]
+    flags = ["--model", "tiny", "--rounds", "2", "--seq", "16", "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, *flags], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["machine"]["world_size"] == 2 and result["machine"]["backend"] == "gloo"
+    assert result["adapters"] == {"n": 14, "kept": 7}
+    assert all(len(times) == 2 and min(times) > 0 for times in result["step_seconds"].values())
+    assert result["ratios_to_lora_same"]["lora_same"] == 1.0
+    masked, same, lora = (result["sizes"][arm] for arm in ("masked", "lora_same", "lora"))
+    # Mask mode trains and holds optimizer state for the kept adapters only, as LoRA on the kept modules does...
+    assert masked["trainable_parameters"] == same["trainable_parameters"] < lora["trainable_parameters"]
+    assert masked["optimizer_state_bytes_per_rank"] == same["optimizer_state_bytes_per_rank"] > 0
+    # ...but keeps every adapter's sharded weights, and gathers them all.
+    assert masked["lora_parameter_bytes_per_rank"] == lora["lora_parameter_bytes_per_rank"]
+    assert masked["lora_bytes_per_all_gather_round"] == lora["lora_bytes_per_all_gather_round"]
+    assert same["lora_parameter_bytes_per_rank"] < masked["lora_parameter_bytes_per_rank"]
+    assert "| masked |" in done.stdout  # the README's table
+
+
+def test_the_readme_shows_the_committed_fsdp2_cost_table():
+    sys.path.insert(0, str(SPEED.parents[1]))
+    from benchmarks.fsdp2_cost import render
+
+    committed = SPEED.parent / "results" / "fsdp2_cost_smollm2-135m-instruct_cpu_x2.json"
+    result = json.loads(committed.read_text())
+    assert result["settings"]["malloc"] == "steady" and result["machine"]["world_size"] == 2
+    readme = (SPEED.parents[1] / "README.md").read_text()
+    assert render(result) in readme
+    masked = result["ratios_to_lora_same"]["masked"]
+    assert f"| masked | {result['median_step_seconds']['masked']:.3f} | {masked:.3f} |" in readme
+    assert f"a step takes {masked:.3f} of stock LoRA's on the kept modules" in readme
+
+
 QUALITY = SPEED.parent / "quality.py"
 
 

@@ -47,7 +47,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_goes_through_every_step(dry_run):
     out, summary = dry_run
     assert summary["dry_run"] is True and summary["gpu"] is None
-    assert set(summary["steps"]) == {"tests", "memory", "speed:llama3-8b-shapes", "speed:smollm2-135m-shapes"}
+    assert set(summary["steps"]) == {"tests", "memory", "speed:llama3-8b-shapes", "speed:smollm2-135m-shapes", "fsdp2"}
     assert all(step["returncode"] == 0 for step in summary["steps"].values())
     outcomes = {t["name"]: t["outcome"] for t in summary["tests"]}
     # On the CPU the tests that need no CUDA run, with their GPU assertions; the CUDA-only ones are skipped.
@@ -77,8 +77,12 @@ def test_dry_run_has_the_fields_the_readme_table_reads(dry_run):
         assert method["after_switch"]["trainable"] > 0
     wl, lora = memory["methods"]["weightlora"], memory["methods"]["lora"]
     assert wl["after_switch"]["trainable"] < wl["warmup"]["trainable"] == lora["warmup"]["trainable"] + wl["adapters"]
+    fsdp2 = summary["fsdp2"]  # benchmarks/fsdp2_cost.py under fully_shard, one process
+    assert fsdp2["machine"]["world_size"] == 1 and set(fsdp2["ratios_to_lora_same"]) == {"lora_same", "masked", "lora"}
+    assert fsdp2["sizes"]["masked"]["trainable_parameters"] == fsdp2["sizes"]["lora_same"]["trainable_parameters"]
     table = (out / "gpu_kit_cpu-dry-run.md").read_text()
     assert table == kit.render_table(summary)
+    assert "FSDP2 (`fully_shard`, 1 process, tiny" in table and "Mask mode (FSDP2's switch" in table
     assert "| llama3-8b-shapes | 14 | 16 | 2 x 16 |" in table and "| smollm2-135m-shapes | 14 | 8 | 2 x 16 |" in table
     assert re.search(r"Tests \(`pytest -m gpu tests/gpu`\): \d+ passed, 0 failed", table)
 

@@ -43,7 +43,7 @@ from trl import SFTTrainer
 from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
 from .card import write_model_card
 from .config import CITATION, WeightLoraConfig
-from .distributed import check_ranks_agree, ddp_inside, rewrap_ddp
+from .distributed import check_ranks_agree, ddp_inside, keep_fsdp2_outputs_in_full_precision, rewrap_ddp
 from .export import WARMUP_STATE_FILE, export_warmup_adapter, pad_adapter, restore_warmup_weights
 from .model import WeightLoraModel
 from .portable import write_lora_targets
@@ -141,6 +141,7 @@ class WeightLoraMixin:
                 "off in place; they keep their share of the sharded LoRA weights), and save_model gathers the kept "
                 "adapters only."
             )
+            keep_fsdp2_outputs_in_full_precision(self.accelerator.state.fsdp_plugin)
         # FSDP2 shards the model per decoder layer, so the switch must keep its structure: mask mode.
         self.weight_lora = WeightLoraModel(self.model, mask_mode=fsdp2 or self._force_mask_mode)
         if args.max_steps > 0:

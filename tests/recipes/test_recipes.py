@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 from wlora_trl import WeightLoraConfig
 from wlora_trl._offline.data import resolve_data_dir
@@ -466,3 +468,34 @@ def test_select_command_then_stock_trl_sft_from_the_targets_yaml(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(adapter_modules(stage2 / "adapter_model.safetensors")) == kept
     assert json.loads((stage2 / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_sft_gsm8k_under_fsdp2_on_two_processes(tmp_path):
+    """The flagship recipe with the packaged fsdp2 config, on the real SmolLM2 and 2 gloo processes (accelerate's FSDP
+    path, enabled on CPU by tests/scripts/fsdp_on_cpu): sharded training through the mask-mode switch, the 'before'
+    evaluation at the start of training (accelerate cannot shard a model for an evaluation before it), greedy
+    generation in step across the processes (3 questions on 2 processes: one pads), the loss in fp32, and a stock
+    adapter on the kept modules."""
+    out = tmp_path / "sft"
+    shim = REPO / "tests" / "scripts" / "fsdp_on_cpu"
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+        "WLORA_TEST_FSDP_ON_CPU": "1", "PYTHONPATH": os.pathsep.join([str(shim), str(REPO)]),
+    }  # fmt: skip
+    flags = tiny_sft_flags(out, "--exact_match_samples", "3", "--report_to", "none", "--disable_tqdm", "true")
+    done = subprocess.run(
+        [sys.executable, "-m", "wlora_trl.cli", "sft", "--accelerate_config", "fsdp2", "--num_processes", "2", *flags],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "WeightLoRA switch at step 3: kept 105 of 210" in done.stdout
+    kept = check_selection(out, n=210, k=105, rank=16)
+    results = json.loads((out / "eval_results.json").read_text())
+    for phase in ("before", "after"):
+        loss = results[phase]["heldout_loss"]
+        assert finite(loss) and 0 < loss < 10
+        assert loss != float(torch.tensor(loss).bfloat16())  # fp32, not rounded to bf16 by the FSDP2 policy
+        assert [g["reference"] for g in results[phase]["generations"]] == ["18", "3", "70000"]
+        assert all(g["generation"] for g in results[phase]["generations"])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path()), out)
+    assert sorted(reloaded.peft_config["default"].target_modules) == kept

@@ -5,11 +5,11 @@
         [--resume CHECKPOINT] [--stage2 SELECTION_DIR]
     python tests/scripts/accelerate_fsdp2_worker.py OUT --batch 4            (the one-process reference, no FSDP)
 
-accelerate turns `distributed_type: FSDP` into FSDP only on accelerators: on a CPU its state stays MULTI_CPU and
-the FSDP plugin is dropped (`AcceleratorState.__init__`). `enable_fsdp_on_cpu` below makes that one decision the
-other way, and nothing else: the Trainer then builds its Accelerator from the launcher's FSDP environment, and
-accelerate's own `fsdp2_prepare_model` shards the model per decoder layer with `fully_shard` (gloo), with the
-packaged fsdp2.yaml's settings (CPU-RAM-efficient loading from rank 0, sharded DCP checkpoints).
+accelerate turns `distributed_type: FSDP` into FSDP only on accelerators; `enable_fsdp_on_cpu`
+(tests/scripts/fsdp_on_cpu/sitecustomize.py) makes that one decision the other way, and nothing else: the Trainer
+then builds its Accelerator from the launcher's FSDP environment, and accelerate's own `fsdp2_prepare_model` shards
+the model per decoder layer with `fully_shard` (gloo), with the packaged fsdp2.yaml's settings (CPU-RAM-efficient
+loading from rank 0, sharded DCP checkpoints).
 
 T = 4 of 8 steps, a checkpoint every 2 steps, a global batch of 4 rows (2 per process). Each rank writes
 OUT/rank{r}.pt: what FSDP made of the model, the switch's outcome, losses, logits on a probe, the saved adapter.
@@ -26,30 +26,11 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.scripts.fsdp_on_cpu.sitecustomize import enable_fsdp_on_cpu  # noqa: E402
 from tests.testing_utils import addition_lm_dataset, cpu_args, sft_args, sums_dataset, tiny_llama  # noqa: E402
 
 T, MAX_STEPS = 4, 8
 PROBE = torch.arange(3, 35).reshape(2, 16)
-
-
-def enable_fsdp_on_cpu() -> None:
-    """Let accelerate keep the FSDP plugin on CPU processes (gloo), as it does on GPUs. Test-only."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    original = AcceleratorState.__init__
-
-    def __init__(self, *args, fsdp_plugin=None, **kwargs):
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            # What AcceleratorState does for MULTI_GPU when an FSDP plugin is given.
-            self.distributed_type = DistributedType.FSDP
-            if self._mixed_precision != "no":
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = self.distributed_type  # as __init__ ends
-
-    AcceleratorState.__init__ = __init__
 
 
 def base_model():
@@ -156,7 +137,8 @@ def main() -> None:
         )
     model.eval()
     with torch.no_grad():
-        record["logits"] = model(input_ids=PROBE).logits.float()
+        output = model(input_ids=PROBE, labels=PROBE)
+        record["logits"], record["loss_dtype"] = output.logits.float(), output.loss.dtype
     adapter_dir = os.path.join(cli.out, "adapter")
     trainer.save_model(adapter_dir)
     trainer.accelerator.wait_for_everyone()

@@ -159,13 +159,12 @@ def main(script_args: BoolQScriptArguments, training_args: TrainingArguments, mo
     else:
         trainer = WeightLoraTrainer(model=model, peft_config=peft_config, **shared)
     common.record_public_base(trainer, model_name)
+    common.prepare_for_fsdp2(trainer)
     timings = {"setup": time.perf_counter() - start}
 
     results = {}
     if script_args.eval_before:
-        tick = time.perf_counter()
-        results["before"] = _evaluate(trainer)
-        timings["eval_before"] = time.perf_counter() - tick
+        common.evaluate_before_training(trainer, lambda: _evaluate(trainer), results, timings)
     tick = time.perf_counter()
     train_output = trainer.train()
     timings["train"] = time.perf_counter() - tick

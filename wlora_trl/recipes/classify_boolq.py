@@ -19,7 +19,11 @@ What it does:
 
 Limits: the "before" accuracy is that of a randomly initialised head (near chance or the majority class). MiniLM is
 a sentence-embedding model, not a classifier pretrained for this; with the CPU-sized defaults expect accuracy near
-the majority class. Raise --max_steps (and use a GPU) for more. One process, as for all WeightLoRA trainers.
+the majority class. Raise --max_steps (and use a GPU) for more. One process, DDP, or FSDP2 (`--config_file $(wlora-trl config-path
+fsdp2)`); under FSDP2 with a BERT-style encoder also pass `--fsdp_transformer_layer_cls_to_wrap BertLayer` (or the
+model's layer class) to `accelerate launch`: accelerate 1.15 otherwise shards the word embeddings a second time
+after their `BertEmbeddings` unit, which `fully_shard` rejects ("Invariant encountered: value was None"). Under
+FSDP2's bf16 policy the encoder computes in bf16 throughout, and BERT's classification loss is bf16 then too.
 """
 
 from __future__ import annotations

@@ -117,3 +117,33 @@ def test_generation_split_across_processes_gives_every_rank_every_answer_in_orde
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["answers"] == ranks[1]["answers"] == expected
     assert len(set(expected)) > 1
+
+
+@pytest.mark.parametrize("fsdp2, resume", [(False, None), (True, None), (True, "checkpoint-2")])
+def test_before_evaluation_runs_now_or_as_training_starts_under_fsdp2(tmp_path, monkeypatch, fsdp2, resume, caplog):
+    """Without FSDP2 the 'before' evaluation runs at once; under FSDP2 (accelerate shards the model only inside
+    train()) it runs from on_train_begin, before the first optimizer step, once; a resumed run skips it."""
+    from tests.testing_utils import addition_lm_dataset, cpu_args
+    from wlora_trl import WeightLoraConfig, WeightLoraTrainer
+    from wlora_trl.recipes import common
+
+    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", selection_steps=2)
+    args = cpu_args(tmp_path, max_steps=3, resume_from_checkpoint=resume)
+    trainer = WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
+    monkeypatch.setattr(common, "is_fsdp2", lambda _: fsdp2)
+    seen_at_steps = []
+
+    def evaluate():
+        seen_at_steps.append(trainer.state.global_step)
+        return {"probe": 1.0}
+
+    results, timings = {}, {}
+    common.evaluate_before_training(trainer, evaluate, results, timings)
+    assert seen_at_steps == ([] if fsdp2 else [0])  # under FSDP2 nothing runs before train()
+    args.resume_from_checkpoint = None  # the run itself starts fresh here; only the recipe's decision saw `resume`
+    trainer.train()
+    trainer.train()  # a second train() does not evaluate 'before' again
+    if resume:
+        assert seen_at_steps == [] and "before" not in results and "skipped" in caplog.text
+    else:
+        assert seen_at_steps == [0] and results["before"] == {"probe": 1.0} and timings["eval_before"] >= 0

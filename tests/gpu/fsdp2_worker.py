@@ -3,6 +3,7 @@ checkpoints, save. Launched by test_cuda.py:
 
     accelerate launch --config_file wlora_trl/cli/accelerate_configs/fsdp2.yaml --num_processes 1 \
         --mixed_precision no tests/gpu/fsdp2_worker.py OUT [--resume CHECKPOINT]
+    (and with --mixed_precision bf16 ... --bf16: accelerate's bf16 FSDP2 policy, as the packaged config has it)
 
 Writes OUT/record.pt (what the test checks) and, at the end, the adapter to OUT/adapter.
 """
@@ -26,11 +27,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--bf16", action="store_true", help="bf16=True (launch with --mixed_precision bf16)")
     cli = parser.parse_args()
     cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=0.5, selection_steps=T)
+    # use_cpu only without CUDA: the worker then also runs on a CPU under tests/scripts/fsdp_on_cpu (a check of
+    # the kit's own logic before it spends GPU time).
     args = cpu_args(
-        os.path.join(cli.out, "run"), max_steps=MAX_STEPS, use_cpu=False, save_strategy="steps", save_steps=2
-    )
+        os.path.join(cli.out, "run"), max_steps=MAX_STEPS, use_cpu=not torch.cuda.is_available(),
+        save_strategy="steps", save_steps=2, bf16=cli.bf16,
+    )  # fmt: skip
     trainer = WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
     record = {"fsdp": trainer.is_fsdp_enabled, "mask_mode": trainer.weight_lora.mask_mode}
     trainer.train(resume_from_checkpoint=cli.resume)
@@ -48,7 +53,9 @@ def main() -> None:
     )
     model.eval()
     with torch.no_grad():
-        record["logits"] = model(input_ids=PROBE.to(trainer.args.device)).logits.float().cpu()
+        probe = PROBE.to(trainer.args.device)
+        output = model(input_ids=probe, labels=probe)
+        record["logits"], record["loss_dtype"] = output.logits.float().cpu(), output.loss.dtype
     trainer.save_model(os.path.join(cli.out, "adapter"))
     if trainer.is_world_process_zero():
         torch.save(record, os.path.join(cli.out, "record.pt"))

@@ -7,6 +7,7 @@ Models are tiny Llamas built from configs (random weights), so the kit needs not
 from __future__ import annotations
 
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -372,6 +373,14 @@ def test_trainer_under_accelerate_fsdp2_switches_in_mask_mode_saves_and_resumes(
         assert resumed["kept"] == full["kept"]
         for later in range(step + 1, 9):
             assert resumed["losses"][later] == pytest.approx(full["losses"][later], abs=1e-4), (step, later)
+    # The packaged config's own precision: accelerate's bf16 FSDP2 policy. The loss leaves the model in fp32 (the
+    # trainers undo the policy's bf16 output cast), and the run selects and trains as the fp32 one does.
+    launch[launch.index("--mixed_precision") + 1] = "bf16"
+    bf16 = run(tmp_path / "bf16", "--bf16")
+    assert bf16["fsdp_module"] and bf16["switched"] and bf16["loss_dtype"] == torch.float32
+    assert len(bf16["kept"]) == 7 and all(math.isfinite(loss) for loss in bf16["losses"].values())
+    for step, loss in full["losses"].items():
+        assert bf16["losses"][step] == pytest.approx(loss, abs=0.05), step
 
 
 # --- 6. TRL's SFTTrainer on its defaults (bf16 and gradient checkpointing on) -------------------------------------

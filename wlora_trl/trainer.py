@@ -6,8 +6,8 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
 - Steps 1..T: every adapter trains, gated by omega; after each optimizer step omega takes a StoIHT step
   (SGD with `omega_lr`, then hard thresholding to K entries). omega's gradient is taken out before gradient
   clipping and the optimizer see it, and is unscaled for fp16; a step the GradScaler skips skips omega too.
-- Start of step T+1: the switch. Dropped adapters become base layers, kept ones are re-initialised (rank 2r with
-  WeightLoRA+), omega disappears, and the optimizer is edited in place, so the LR schedule carries on unchanged.
+- Start of step T+1: the switch. Dropped adapters become base layers (under FSDP2: masked in place, below), kept
+  ones are re-initialised (rank 2r with WeightLoRA+), omega disappears, and the optimizer is edited in place, so the LR schedule carries on unchanged.
   The kept count is logged (`weight_lora/kept_adapters`) with the next regular log line.
 - `save_model` writes a stock PEFT LoRA adapter plus `selection.json`; checkpoints carry `selection.json` too, so
   resuming before, at or after T continues the same run.

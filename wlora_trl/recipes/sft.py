@@ -33,7 +33,8 @@ What it does, in order:
 Defaults are sized for 2 CPU cores (about 7 minutes in all, see the README). bf16 autocast is on where it is fast: a
 GPU, or a CPU with native bf16 (fp32 on other CPUs); gradient checkpointing on a GPU only. Explicit values win.
 
-Under FSDP2 (`--accelerate_config fsdp2`): the switch runs in mask mode; the "before" evaluation runs as training
+Under FSDP2 (`wlora-trl sft --accelerate_config fsdp2`, or `accelerate launch --config_file $(wlora-trl
+config-path fsdp2) examples/sft_gsm8k.py`): the switch runs in mask mode; the "before" evaluation runs as training
 starts, on the sharded model (accelerate shards a model only with its optimizer, inside `train()`; a resumed run
 skips it); generation runs in step on every process; the loss leaves the model in fp32 (accelerate's bf16 policy
 would round it to bf16). Tested on 2 CPU processes with SmolLM2; not yet run on GPUs through this recipe.

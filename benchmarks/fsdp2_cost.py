@@ -45,7 +45,7 @@ from torch.distributed.fsdp import fully_shard
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.speed import autocast_dtype, load_base, make_batch  # noqa: E402
+from benchmarks.speed import Variant, autocast_dtype, load_base, make_batch  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,22 +76,8 @@ def local_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class Arm:
-    """One sharded model with its optimizer (and, for `masked`, its WeightLoraModel)."""
-
-    def __init__(self, model, parameters, weight_lora: WeightLoraModel | None, autocast):
-        self.model, self.weight_lora, self.autocast = model, weight_lora, autocast
-        self.optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-
-    def step(self, batch) -> None:
-        with torch.autocast(batch["input_ids"].device.type, dtype=self.autocast or torch.float32,
-                            enabled=self.autocast is not None):  # fmt: skip
-            loss = self.model(**batch).loss
-        loss.backward()
-        if self.weight_lora is not None:
-            self.weight_lora.omega_step()  # a no-op after the switch, as in the trainers
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+class Arm(Variant):
+    """speed.py's variant (a model, its optimizer on what trains, one step), sharded, with what it holds per rank."""
 
     def lora_parameters(self) -> list[torch.Tensor]:
         return [p for name, p in self.model.named_parameters() if ".lora_" in name]
@@ -117,7 +103,7 @@ def build_arms(args, device: str, rank: int) -> tuple[dict[str, Arm], list[str]]
     weight_lora = WeightLoraModel(get_peft_model(base(), config), max_steps=10, mask_mode=True)
     batch = make_batch(weight_lora.model.config.vocab_size, args.batch, args.seq, device, seed=rank)
     shard(weight_lora.model)
-    masked = Arm(weight_lora.model, weight_lora.trainable_parameters(), weight_lora, autocast)
+    masked = Arm(weight_lora.model, weight_lora, autocast)
     for _ in range(weight_lora.selection_steps):  # a real sharded warm-up, then the mask-mode switch
         masked.step(batch)
     weight_lora.switch(masked.optimizer, seed=0)
@@ -126,7 +112,7 @@ def build_arms(args, device: str, rank: int) -> tuple[dict[str, Arm], list[str]]
     for name, targets in (("lora_same", kept), ("lora", TARGETS)):
         model = get_peft_model(base(), LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets))
         shard(model)
-        arms[name] = Arm(model, [p for p in model.parameters() if p.requires_grad], None, autocast)
+        arms[name] = Arm(model, None, autocast)
     return {name: arms[name] for name in ARMS}, kept
 
 

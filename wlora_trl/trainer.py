@@ -7,7 +7,8 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
   (SGD with `omega_lr`, then hard thresholding to K entries). omega's gradient is taken out before gradient
   clipping and the optimizer see it, and is unscaled for fp16; a step the GradScaler skips skips omega too.
 - Start of step T+1: the switch. Dropped adapters become base layers (under FSDP2: masked in place, below), kept
-  ones are re-initialised (rank 2r with WeightLoRA+), omega disappears, and the optimizer is edited in place, so the LR schedule carries on unchanged.
+  ones are re-initialised (rank 2r with WeightLoRA+), omega disappears, and the optimizer is edited in place, so
+  the LR schedule carries on unchanged.
   The kept count is logged (`weight_lora/kept_adapters`) with the next regular log line.
 - `save_model` writes a stock PEFT LoRA adapter plus `selection.json`; checkpoints carry `selection.json` too, so
   resuming before, at or after T continues the same run.
@@ -123,7 +124,7 @@ class WeightLoraMixin:
     def _setup_weight_lora(self) -> None:
         args = self.args
         _check_training_args(args)  # again: SFTTrainer may have built its own args
-        fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+        fsdp2 = self.accelerator.is_fsdp2
         if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not fsdp2):  # an accelerate config, not the args
             raise ValueError(SHARDING_UNSUPPORTED)
         if args.n_gpu > 1:

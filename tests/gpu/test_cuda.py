@@ -341,7 +341,7 @@ def test_trainer_under_accelerate_fsdp2_switches_in_mask_mode_saves_and_resumes(
     after T to the same losses."""
     from wlora_trl.cli.launch import packaged_accelerate_configs
 
-    worker = Path(__file__).parent / "fsdp2_worker.py"
+    worker = Path(__file__).parents[1] / "scripts" / "accelerate_fsdp2_worker.py"  # the CPU suite's worker too
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(packaged_accelerate_configs()["fsdp2"]), "--num_processes", "1", "--mixed_precision", "no", str(worker),
@@ -351,7 +351,7 @@ def test_trainer_under_accelerate_fsdp2_switches_in_mask_mode_saves_and_resumes(
     def run(out, *flags):
         done = subprocess.run([*launch, str(out), *flags], capture_output=True, text=True, env=env, timeout=240)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return torch.load(out / "record.pt")
+        return torch.load(out / "rank0.pt")
 
     full = run(tmp_path / "full")
     assert full["fsdp"] and full["mask_mode"] and full["fsdp_module"] and full["sharded_parameters"] > 0

@@ -1,8 +1,9 @@
-"""The trainers under accelerate's real FSDP2 path, on 2 gloo processes of a CPU.
+"""The trainers under accelerate's real FSDP2 path: 2 gloo processes of a CPU (tests/test_fsdp2_trainer.py), or
+one process per GPU (the GPU kit's tests/gpu/test_cuda.py, NCCL; CUDA is used whenever it is there).
 
     accelerate launch --config_file wlora_trl/cli/accelerate_configs/fsdp2.yaml --num_processes 2 \
         --mixed_precision no tests/scripts/accelerate_fsdp2_worker.py OUT [--plus] [--sft] [--select_only]
-        [--resume CHECKPOINT] [--stage2 SELECTION_DIR]
+        [--bf16] [--resume CHECKPOINT] [--stage2 SELECTION_DIR]
     python tests/scripts/accelerate_fsdp2_worker.py OUT --batch 4            (the one-process reference, no FSDP)
 
 accelerate turns `distributed_type: FSDP` into FSDP only on accelerators; `enable_fsdp_on_cpu`
@@ -31,6 +32,7 @@ from tests.testing_utils import addition_lm_dataset, cpu_args, sft_args, sums_da
 
 T, MAX_STEPS = 4, 8
 PROBE = torch.arange(3, 35).reshape(2, 16)
+USE_CPU = not torch.cuda.is_available()
 
 
 def base_model():
@@ -56,7 +58,9 @@ def make_trainer(cli):
 
         from tests.testing_utils import char_tokenizer
 
-        args = sft_args(os.path.join(cli.out, "run"), max_steps=MAX_STEPS, per_device_train_batch_size=cli.batch)
+        args = sft_args(
+            os.path.join(cli.out, "run"), max_steps=MAX_STEPS, per_device_train_batch_size=cli.batch, use_cpu=USE_CPU
+        )
         return SFTTrainer(
             model=base_model(), args=args, train_dataset=sums_dataset(), processing_class=char_tokenizer(),
             peft_config=lora_config_from_selection(cli.stage2),
@@ -68,7 +72,9 @@ def make_trainer(cli):
         r=4, lora_alpha=8, target_modules="all-linear", selection_steps=T, plus=cli.plus, reinit=cli.plus
     )
     run_dir = os.path.join(cli.out, "run")
-    saving = dict(save_strategy="steps", save_steps=2, per_device_train_batch_size=cli.batch, bf16=cli.bf16)
+    saving = dict(
+        save_strategy="steps", save_steps=2, per_device_train_batch_size=cli.batch, bf16=cli.bf16, use_cpu=USE_CPU
+    )
     if cli.sft:
         from tests.testing_utils import char_tokenizer
 
@@ -134,11 +140,13 @@ def main() -> None:
             switched=weight_lora.switched,
             kept=[a.module for a in weight_lora.adapters if a.kept],
             omega=[a.omega for a in weight_lora.report(trainer.state.global_step).adapters],
+            omega_steps=weight_lora.omega_steps,
         )
     model.eval()
     with torch.no_grad():
-        output = model(input_ids=PROBE, labels=PROBE)
-        record["logits"], record["loss_dtype"] = output.logits.float(), output.loss.dtype
+        probe = PROBE.to(trainer.args.device)
+        output = model(input_ids=probe, labels=probe)
+        record["logits"], record["loss_dtype"] = output.logits.float().cpu(), output.loss.dtype
     adapter_dir = os.path.join(cli.out, "adapter")
     trainer.save_model(adapter_dir)
     trainer.accelerator.wait_for_everyone()

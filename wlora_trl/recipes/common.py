@@ -112,8 +112,9 @@ def lora_kwargs(model_args, **overrides) -> dict:
 
 
 def is_fsdp2(trainer) -> bool:
-    """Whether accelerate shards this trainer's model with FSDP2 (`fsdp_version: 2`)."""
-    return bool(trainer.is_fsdp_enabled) and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+    """Whether accelerate shards this trainer's model with FSDP2 (`fsdp_version: 2`); one place to ask (and to
+    stub in tests)."""
+    return trainer.accelerator.is_fsdp2
 
 
 def prepare_for_fsdp2(trainer) -> None:

@@ -114,7 +114,7 @@ def greedy_generate_across_processes(
     prompts = [conversations[i] for i in mine]
     if sharded and conversations:
         prompts += [conversations[0]] * (math.ceil(len(conversations) / world) - len(mine))
-        _gather_root_parameters_for_generate(model)
+        _register_generate_as_fsdp_forward(model)
     answers = greedy_generate(model, tokenizer, prompts, synced_processes=sharded, **kwargs)[: len(mine)]
     if world == 1:
         return answers
@@ -126,13 +126,16 @@ def greedy_generate_across_processes(
     return outputs
 
 
-def _gather_root_parameters_for_generate(model: torch.nn.Module) -> None:
+def _register_generate_as_fsdp_forward(model: torch.nn.Module) -> None:
     """FSDP2 gathers a module's parameters around its `forward`; `generate` does not go through the root's forward
-    (it calls the inner model's), so register it as a forward method: the root's shards are gathered for it."""
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    (it calls the inner model's), so register it as a forward method: the root's shards are gathered for it. Once
+    per model: registering wraps the method again each time, and the recipes generate before and after training.
+    (torch's function is a no-op on a model that is not an FSDP module.)"""
+    from torch.distributed.fsdp import register_fsdp_forward_method
 
-    if isinstance(model, FSDPModule):
+    if not getattr(model, "_wlora_generate_registered", False):
         register_fsdp_forward_method(model, "generate")
+        model._wlora_generate_registered = True
 
 
 # --- the before/after table ----------------------------------------------------------------------------------------

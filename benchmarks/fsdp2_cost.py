@@ -20,8 +20,9 @@ Each arm loads its own copy of the base, so at 8B shapes on few GPUs mind the me
 CPU timing and glibc: malloc serves a buffer above its mmap threshold (adjusted at run time, up to 32 MiB) with
 fresh pages that fault in on every step, and FSDP2's per-layer all-gather buffers of a 135M model sit near that
 size, so which arm pays for page faults depends on a few MiB (measured: masked / lora_same 1.117 with glibc's
-defaults, 0.996 without the faults; both JSONs are in benchmarks/results/). On a CPU the benchmark therefore fixes the thresholds high (`--malloc steady`,
-the default; `--malloc default` keeps glibc's); a GPU's caching allocator has no such effect.
+defaults, 0.996 and 1.010 in two runs without the faults; the JSONs are in benchmarks/results/). On a CPU the
+benchmark therefore fixes the thresholds high (`--malloc steady`, the default; `--malloc default` keeps glibc's); a
+GPU's caching allocator has no such effect.
 """
 
 from __future__ import annotations

@@ -64,3 +64,43 @@ def test_resolve_selection_steps():
         WeightLoraConfig(selection_steps=7).resolve_selection_steps(7)
     with pytest.raises(ValueError, match="T=5"):
         WeightLoraConfig(selection_steps=0.005).resolve_selection_steps(4)
+
+
+@pytest.mark.parametrize("field", ["reinit", "plus", "use_rslora", "fan_in_fan_out"])
+@pytest.mark.parametrize("value", ["no", "false", "False", "yes", 0, 1, None])
+def test_non_bool_values_for_boolean_fields_are_refused(field, value):
+    # reinit="no" used to be truthy, so it meant reinit=True; plus="no" turned WeightLoRA+ on.
+    with pytest.raises(TypeError, match=f"{field}={value!r} is a {type(value).__name__}; pass a bool"):
+        WeightLoraConfig(r=8, target_modules="all-linear", **{field: value})
+
+
+def test_the_refusal_spells_the_bool_the_string_meant():
+    with pytest.raises(TypeError, match="reinit=False"):
+        WeightLoraConfig(reinit="no")
+    with pytest.raises(TypeError, match="plus=True"):
+        WeightLoraConfig(plus="yes")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(r=8.0), TypeError, "r=8.0"),
+        (dict(r="8"), TypeError, "r='8'"),
+        (dict(r=0), ValueError, "r=0"),
+        (dict(lora_alpha="16"), TypeError, "lora_alpha='16'"),
+        (dict(lora_alpha=0), ValueError, "lora_alpha=0"),
+        (dict(lora_dropout="0.1"), TypeError, "lora_dropout='0.1'"),
+        (dict(lora_dropout=1.0), ValueError, r"lora_dropout=1.0: pass a float in \[0, 1\)"),
+        (dict(bias="lora"), ValueError, "bias='lora'"),
+    ],
+)
+def test_lora_fields_of_the_wrong_type_or_range_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        WeightLoraConfig(**kwargs)
+
+
+def test_an_epoch_based_run_shorter_than_t_says_what_the_epochs_come_to():
+    run = "num_train_epochs=1 comes to 4 optimizer steps"
+    with pytest.raises(ValueError, match=f"the run's {run}") as refusal:
+        WeightLoraConfig(selection_steps=7).resolve_selection_steps(4, run=run)
+    assert "max_steps" not in str(refusal.value).split("Train for")[0]

@@ -39,8 +39,11 @@ def test_t_beyond_an_epoch_based_run_is_refused_before_the_first_step(tmp_path):
         train_dataset=addition_lm_dataset(rows=16),
         peft_config=WeightLoraConfig(**{**CFG, "selection_steps": 5}),
     )
-    with pytest.raises(ValueError, match="only max_steps=4"):
-        trainer.train()  # 16 rows / batch 4 = 4 steps, known only once training starts
+    # 16 rows / batch 4 = 4 steps, known only once training starts; the user set epochs, so the message says what
+    # they come to rather than naming a max_steps the user never set.
+    epochs = "num_train_epochs=1 over 16 examples, 4 examples per optimizer step, comes to 4 optimizer steps"
+    with pytest.raises(ValueError, match=f"the run's {epochs}"):
+        trainer.train()
     assert trainer.state.global_step == 0
 
 

@@ -36,6 +36,21 @@ CITATION = """@inproceedings{veprikov2026weightlora,
 }"""
 
 
+# Every boolean field WeightLoRA's behaviour depends on: its own two and the LoraConfig flags the switch rebuilds
+# (LoRA variants such as use_dora are refused anyway, but a string there must not read as "enabled").
+BOOL_FIELDS = (
+    "plus",
+    "reinit",
+    "use_rslora",
+    "fan_in_fan_out",
+    "inference_mode",
+    "use_dora",
+    "use_qalora",
+    "lora_bias",
+    "ensure_weight_tying",
+)
+
+
 def _is_number(value: object) -> bool:
     # bool is an int subclass: `k=True` is a typo, not "keep one adapter".
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -127,9 +142,41 @@ class WeightLoraConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
+        self._check_field_types()  # before PEFT's own checks, which would misread a string as a bool too
         super().__post_init__()
         self._check_weight_lora_fields()
         self._check_lora_features()
+
+    def _check_field_types(self) -> None:
+        """A value of the wrong type is refused, not misread: `reinit="no"` is a non-empty string, so truthy, and would
+        silently mean reinit=True (configs read from YAML or a command line easily carry strings)."""
+        for name in BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                spelled = "True" if str(value).strip().lower() in ("true", "yes", "1", "on") else "False"
+                raise TypeError(
+                    f"{name}={value!r} is a {type(value).__name__}; pass a bool, {name}={spelled} (a string such as "
+                    "'no' or 'false' would count as True). Parse YAML / command-line values into bools first."
+                )
+        checks = {  # field: (its type is right, its value is in range, what to pass)
+            "r": (isinstance(self.r, int) and not isinstance(self.r, bool), lambda: self.r >= 1, "an int >= 1, r=8"),
+            "lora_alpha": (
+                _is_number(self.lora_alpha),
+                lambda: self.lora_alpha > 0,
+                "a positive number, lora_alpha=16",
+            ),
+            "lora_dropout": (
+                _is_number(self.lora_dropout),
+                lambda: 0 <= self.lora_dropout < 1,
+                "a float in [0, 1), lora_dropout=0.05",
+            ),
+        }
+        for name, (typed, in_range, hint) in checks.items():
+            if not typed or not in_range():
+                error = ValueError if typed else TypeError
+                raise error(f"{name}={getattr(self, name)!r}: pass {hint} for example.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias={self.bias!r}: choose 'none' (the default), 'lora_only' or 'all'.")
 
     def _check_weight_lora_fields(self) -> None:
         if not _is_number(self.k) or self.k <= 0 or (isinstance(self.k, float) and self.k > 1):
@@ -215,16 +262,18 @@ class WeightLoraConfig(LoraConfig):
             )
         return k
 
-    def resolve_selection_steps(self, max_steps: int) -> int:
-        """T as a step count for a run of `max_steps` optimizer steps; raises if the switch would never happen."""
+    def resolve_selection_steps(self, max_steps: int, run: str | None = None) -> int:
+        """T as a step count for a run of `max_steps` optimizer steps; raises if the switch would never happen.
+        `run` says where `max_steps` came from when the user did not set it (an epoch-based run's step count)."""
         if isinstance(self.selection_steps, float):
             steps = max(math.ceil(self.selection_steps * max_steps), MIN_SELECTION_STEPS)
         else:
             steps = self.selection_steps
         if steps >= max_steps:
+            length = f"the run's {run}" if run else f"the run has only max_steps={max_steps}"
             raise ValueError(
-                f"selection_steps resolves to T={steps}, but the run has only max_steps={max_steps}: the switch at "
-                f"step T+1 would never happen. Train for more than {steps} steps, or pass a smaller int "
+                f"selection_steps resolves to T={steps}, but {length}: the switch at step T+1 would never happen. "
+                f"Train for more than {steps} steps (more epochs or data, or max_steps), or pass a smaller int "
                 "selection_steps."
             )
         return steps

@@ -81,6 +81,21 @@ def export_warmup_adapter(directory: str | os.PathLike, weight_lora) -> None:
         json.dump(config, f, indent=2, sort_keys=True)
 
 
+def write_trained_biases(directory: str | os.PathLike, weight_lora) -> None:
+    """Put the trained biases into the adapter file PEFT just wrote in `directory`, where PEFT leaves some out: with
+    `bias="lora_only"` it saves only the biases of layers that still have an adapter, but a dropped adapter's layer
+    trained its bias until the switch. Stock PEFT loads those keys back onto the plain layers."""
+    biases = weight_lora.bias_state_dict()
+    if not biases:
+        return
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS[0])
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path} is missing: save with safe_serialization=True (the default)")
+    weights = load_file(weights_path)
+    weights.update(biases)
+    save_file(weights, weights_path, metadata={"format": "pt"})
+
+
 def restore_warmup_weights(directory: str | os.PathLike, weight_lora) -> bool:
     """Load the unfolded warm-up weights a checkpoint kept, if it has them; returns whether it did."""
     path = os.path.join(directory, WARMUP_STATE_FILE)

@@ -46,6 +46,7 @@ from .config import WeightLoraConfig
 from .distributed import check_ranks_agree
 from .masking import (
     all_reduce_mean,
+    full_tensor,
     gathered_adapter_state_dict,
     is_sharded,
     mask_adapter,
@@ -58,6 +59,7 @@ from .surgery import (
     adapter_parameters,
     alpha_for_rank,
     drop_adapter,
+    freeze_adapter_bias,
     rebuild_adapter,
     retarget_optimizer,
     stock_lora_config,
@@ -244,9 +246,10 @@ class WeightLoraModel:
         """The per-adapter omega parameters (what DDP sees); empty without omega or after the switch."""
         return list(self.gates.parameters) if self.gates is not None else []
 
-    def set_max_steps(self, max_steps: int) -> int:
-        """Resolve T for a run of `max_steps` optimizer steps (raises if the switch would never happen)."""
-        self.selection_steps = self.config.resolve_selection_steps(max_steps)
+    def set_max_steps(self, max_steps: int, run: str | None = None) -> int:
+        """Resolve T for a run of `max_steps` optimizer steps (raises if the switch would never happen; `run` says
+        in the message where the step count came from, e.g. an epoch-based run's epochs)."""
+        self.selection_steps = self.config.resolve_selection_steps(max_steps, run=run)
         return self.selection_steps
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -374,6 +377,9 @@ class WeightLoraModel:
             for index, name in enumerate(self.module_names):
                 layer: LoraLayer = self.base.get_submodule(name)
                 if index not in kept_set:
+                    # bias="lora_only": the layer's bias trained with its adapter; it is frozen with the adapter's
+                    # removal (and exported as trained, see `bias_state_dict`), not left training on a plain layer.
+                    replacements.update({id(p): [] for p in freeze_adapter_bias(layer, cfg.bias)})
                     if self.mask_mode:
                         replacements.update({id(p): [] for p in mask_adapter(layer, self.adapter_name)})
                     else:
@@ -470,13 +476,39 @@ class WeightLoraModel:
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
             modules, ranks = dict(zip(self.module_names, omega)), self.warmup_ranks
-        return gathered_adapter_state_dict(self.model, modules, self.adapter_name, ranks)
+        return {**gathered_adapter_state_dict(self.model, modules, self.adapter_name, ranks), **self.bias_state_dict()}
+
+    def bias_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained biases a stock adapter file must carry (full, on the CPU, PEFT's file keys): with
+        `bias="lora_only"` those of every module that had an adapter in the warm-up, dropped ones included (they
+        trained until the switch and are frozen since; PEFT's own save writes only the kept modules' biases); with
+        `bias="all"` every bias; none with `bias="none"`. A collective under FSDP2: call it on every rank."""
+        mode = self.config.bias
+        if mode == "none":
+            return {}
+        prefix = "base_model.model."
+        adapted = set(self.module_names)
+        exported = {a.module for a in self.adapters if a.kept} if self.switched else adapted
+        state = {}
+        for key, param in self.model.named_parameters():
+            if not (key == "bias" or key.endswith(".bias")) or "lora_" in key or "modules_to_save" in key:
+                continue
+            module = key[len(prefix) :].rsplit(".", 1)[0] if key.startswith(prefix) else None
+            if module is not None and module.endswith(".base_layer"):
+                module = module[: -len(".base_layer")]
+                if module not in exported:  # mask mode keeps a dropped adapter's wrapper; a stock reload has none
+                    key = f"{prefix}{module}.bias"
+            if mode == "lora_only" and module not in adapted:
+                continue
+            state[key] = full_tensor(param.detach()).cpu().clone().contiguous()
+        return state
 
     def warmup_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter's weights as they are (not folded, full allocated rank), in PEFT's file keys: what resuming
         a warm-up checkpoint loads back. A collective under FSDP2."""
         ranks = {name: int(self.base.get_submodule(name).r[self.adapter_name]) for name in self.module_names}
-        return gathered_adapter_state_dict(self.model, dict.fromkeys(self.module_names), self.adapter_name, ranks)
+        adapters = gathered_adapter_state_dict(self.model, dict.fromkeys(self.module_names), self.adapter_name, ranks)
+        return {**adapters, **self.bias_state_dict()}
 
     def adapter_config(self) -> LoraConfig:
         """The stock `LoraConfig` of `adapter_state_dict()` (exact module names; no WeightLoRA fields)."""

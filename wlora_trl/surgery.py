@@ -33,6 +33,17 @@ def drop_adapter(root: nn.Module, module_name: str) -> list[nn.Parameter]:
     return removed
 
 
+def freeze_adapter_bias(layer: LoraLayer, bias: str) -> list[nn.Parameter]:
+    """With `bias="lora_only"` PEFT trains the bias of every adapted layer: when the layer's adapter is dropped, its
+    bias stops training too (the layer is a base layer again). Returns the bias it froze, if any, for the optimizer
+    to forget. (`bias="all"` trains every bias in the model, adapted or not: those keep training.)"""
+    base_bias = getattr(layer.get_base_layer(), "bias", None)
+    if bias != "lora_only" or base_bias is None or not base_bias.requires_grad:
+        return []
+    base_bias.requires_grad_(False)
+    return [base_bias]
+
+
 def adapter_parameters(layer: LoraLayer, adapter_name: str) -> list[nn.Parameter]:
     return list(layer.lora_A[adapter_name].parameters()) + list(layer.lora_B[adapter_name].parameters())
 

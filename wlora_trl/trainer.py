@@ -45,7 +45,13 @@ from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
 from .card import write_model_card
 from .config import CITATION, WeightLoraConfig
 from .distributed import check_ranks_agree, ddp_inside, keep_fsdp2_outputs_in_full_precision, rewrap_ddp
-from .export import WARMUP_STATE_FILE, export_warmup_adapter, pad_adapter, restore_warmup_weights
+from .export import (
+    WARMUP_STATE_FILE,
+    export_warmup_adapter,
+    pad_adapter,
+    restore_warmup_weights,
+    write_trained_biases,
+)
 from .model import WeightLoraModel
 from .portable import write_lora_targets
 from .state import SelectionReport, kept_per_projection, read_selection, write_selection
@@ -195,7 +201,7 @@ class WeightLoraMixin:
         weight_lora = self.weight_lora
         if not self._wrapper_checked and not weight_lora.switched:
             # Against the run's real length, known only now for epoch-based runs: refuse a T the run never reaches.
-            weight_lora.set_max_steps(self.state.max_steps)
+            weight_lora.set_max_steps(self.state.max_steps, run=self._run_length())
         if self._omega_grad is not None:
             # omega's gradient from the last step was never applied: the GradScaler skipped that optimizer step
             # (and the pre-hook with it) on an fp16 overflow.
@@ -219,6 +225,19 @@ class WeightLoraMixin:
             # the global norm); the optimizer pre-hook applies it.
             self._omega_grad = self._unscale(weight_lora.take_omega_grad())
         return loss
+
+    def _run_length(self) -> str | None:
+        """How an epoch-based run's step count came about, for the message refusing a T it never reaches."""
+        args = self.args
+        if args.max_steps > 0:
+            return None
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        dataset = self.train_dataset
+        examples = f"{len(dataset)} examples" if hasattr(dataset, "__len__") else "the training data"
+        return (
+            f"num_train_epochs={args.num_train_epochs} over {examples}, {batch} examples per optimizer step, comes "
+            f"to {self.state.max_steps} optimizer steps"
+        )
 
     def _unscale(self, grad: torch.Tensor | None) -> torch.Tensor | None:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -339,6 +358,8 @@ class WeightLoraMixin:
                     save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
         else:
             super().save_model(output_dir, _internal_call)
+            if self.args.should_save:
+                write_trained_biases(directory, self.weight_lora)
         if self.args.should_save:
             if not self.weight_lora.switched and not self.weight_lora.mask_mode:
                 # During the warm-up: fold omega into the saved lora_B and write a stock config, so the file is
@@ -433,6 +454,18 @@ _REFUSALS = """
 """
 
 
+def seed_as_the_trainer_does(args: Any) -> None:
+    """`transformers.Trainer.__init__`'s seeding, for work that must happen before it (building the adapters)."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    args = args if args is not None else TrainingArguments("tmp_trainer")  # the Trainer's default arguments
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+
+
 class WeightLoraTrainer(WeightLoraMixin, Trainer):
     __doc__ = (
         """`transformers.Trainer` with WeightLoRA, for any task (e.g. sequence classification with an encoder).
@@ -466,6 +499,9 @@ class WeightLoraTrainer(WeightLoraMixin, Trainer):
                 if isinstance(model, PeftModel):
                     raise ValueError("Pass either a PeftModel or peft_config, not both.")
                 _check_training_args(args)  # before get_peft_model spends time wrapping
+                # The Trainer seeds in its __init__, after this: seed first, as it would, so that `args.seed` (not
+                # whatever the script drew before) decides the adapters' initialisation, hence the selection.
+                seed_as_the_trainer_does(args)
                 model = get_peft_model(model, peft_config)
         super().__init__(model, args, *trainer_args, **kwargs)
 

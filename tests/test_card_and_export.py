@@ -92,7 +92,7 @@ def test_report_command_renders_a_run_done_elsewhere(tmp_path, capsys):
         cli_main(["report", str(tmp_path / "nothing-here")])
         raise AssertionError("a folder without selection.json was accepted")
     except SystemExit as exit_:
-        assert exit_.code == 2 and "not written by a WeightLoRA trainer" in capsys.readouterr().err
+        assert exit_.code == 2 and "nothing-here does not exist" in capsys.readouterr().err
 
 
 def test_report_on_a_warmup_save_says_nothing_is_dropped_yet(tmp_path):

@@ -111,18 +111,41 @@ def write_selection(directory: str | os.PathLike, report: SelectionReport) -> st
     return path
 
 
-def read_selection(location: str | os.PathLike) -> SelectionReport:
-    """Read a `selection.json`, given its path or the folder holding it (a saved adapter, a checkpoint)."""
+def read_selection(location: str | os.PathLike, hint: str | None = None) -> SelectionReport:
+    """Read a `selection.json`, given its path or the folder holding it (a saved adapter, a checkpoint).
+
+    Raises `FileNotFoundError` when there is none and `ValueError` when it is not a selection.json this version
+    reads, each naming the file; `hint` replaces the default advice at the end of the missing-file message."""
     path = os.fspath(location)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or not path.endswith(".json"):
         path = os.path.join(path, SELECTION_FILE)
     if not os.path.isfile(path):
+        advice = hint or (
+            "Give the folder of an adapter or checkpoint saved by a WeightLoRA trainer (save_model and every "
+            "checkpoint write selection.json), or the path of a selection.json."
+        )
+        if not os.path.isdir(os.path.dirname(path) or "."):
+            raise FileNotFoundError(f"{os.path.dirname(path)} does not exist. {advice}")
         raise FileNotFoundError(
-            f"{path} is missing: this folder was not written by a WeightLoRA trainer, so its selection state "
-            "(omega, kept adapters) is unknown. Resume from a checkpoint of the same WeightLoRA run."
+            f"{path} is missing: the folder was not written by a WeightLoRA trainer, so its selection (omega, kept "
+            f"adapters) is unknown. {advice}"
         )
     with open(path) as f:
-        return SelectionReport.from_dict(json.load(f))
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): it is damaged; save the adapter again.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a WeightLoRA selection (a JSON object).")
+    try:
+        return SelectionReport.from_dict(data)
+    except KeyError as err:
+        raise ValueError(
+            f"{path} is not a complete WeightLoRA selection.json: it has no {err.args[0]!r} entry. Was it written by "
+            "wlora_trl (WeightLoraModel.report() / save_model)?"
+        ) from None
+    except (TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a WeightLoRA selection.json this version reads: {err}") from None
 
 
 # --- the selection as a layers x projections grid, and in one line ----------------------------------------------

@@ -77,6 +77,8 @@ def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
         )
 
 
+RESUME_HINT = "Resume from a checkpoint of the same WeightLoRA run (each one holds a selection.json)."
+
 SHARDING_UNSUPPORTED = (
     "WeightLoRA does not support DeepSpeed or FSDP version 1: they shard the parameters that the switch at step T "
     "rebuilds, and have no mask mode. Supported: one process, data-parallel (DDP) through `accelerate launch` / "
@@ -286,7 +288,7 @@ class WeightLoraMixin:
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
-        if checkpoint and read_selection(checkpoint).switched:
+        if checkpoint and read_selection(checkpoint, hint=RESUME_HINT).switched:
             # Resuming it would train on past the switch, to max_steps: its selection is already made.
             raise ValueError(
                 f"{checkpoint} was saved after the switch, so its selection is already made: use it directly, "
@@ -399,7 +401,8 @@ class WeightLoraMixin:
         # adapter file has omega folded in; the unfolded weights beside it are what the run continues from.
         weight_lora = self.weight_lora
         # Under FSDP2 the Trainer builds the optimizer before it loads a checkpoint: a replayed switch edits it.
-        weight_lora.restore(read_selection(resume_from_checkpoint), self.optimizer if weight_lora.mask_mode else None)
+        report = read_selection(resume_from_checkpoint, hint=RESUME_HINT)
+        weight_lora.restore(report, self.optimizer if weight_lora.mask_mode else None)
         if weight_lora.mask_mode and not weight_lora.switched and not self.is_fsdp_enabled:
             # Mask mode without FSDP's own files: the adapter file is the rank-r export (WeightLoRA+ allocates 2r),
             # so only the unfolded warm-up weights beside it fit.

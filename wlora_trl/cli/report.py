@@ -81,11 +81,18 @@ def report_command(directory: str, output_dir: str | None) -> int:
 
 
 def export_command(source: str, target: str, padded: bool) -> int:
+    # Every check on the arguments comes before the export's imports (PEFT, torch: seconds), so a mistake is
+    # answered at once.
+    if not padded:
+        raise ValueError("the saved adapter is already the minimal export; pass --padded for a copy "
+                         "with every (layer, projection) filled in")  # fmt: skip
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"the target {target} is a file; give a folder to write the adapter into (created if needed)")
+    report = read_selection(source)
+    if not report.switched:
+        raise ValueError(f"{source} was saved before the switch: every adapter is still there, nothing to pad.")
     from ..export import pad_adapter
 
-    if not padded:
-        raise ValueError("wlora-trl export: the saved adapter is already the minimal export; pass --padded for a copy "
-                         "with every (layer, projection) filled in")  # fmt: skip
     pad_adapter(source, target)
     print(f"wrote the padded adapter to {target}")
     return 0

@@ -20,6 +20,7 @@ from ..config import WeightLoraConfig
 from ..distributed import keep_fsdp2_outputs_in_full_precision
 from ..plotting import HEATMAP_FILE
 from ..state import SELECTION_FILE, kept_by_projection
+from .cpu_threads import use_the_cpu_cores
 from .quick_eval import results_table, write_results
 
 METHODS = ("weightlora", "random", "lora")
@@ -268,11 +269,20 @@ def show_wlora_logs() -> None:
 INPUT_ERRORS = (ValueError, OSError, ImportError)
 
 
+def _uses_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "False").lower() not in ("true", "1")
+
+
 def run_recipe(main, make_parser) -> None:
     """Entry point of a recipe (`python -m`, `accelerate launch`, examples/): parse, run, and print a refusal of the
     input as one message (exit status 2) instead of a traceback; WLORA_TRL_TRACEBACK=1 shows the traceback."""
     try:
-        main(*make_parser().parse_args_and_config())
+        parsed = make_parser().parse_args_and_config()
+        show_wlora_logs()
+        use_the_cpu_cores(uses_gpu=_uses_gpu())
+        main(*parsed)
     except INPUT_ERRORS as error:
         if os.environ.get("WLORA_TRL_TRACEBACK"):
             raise

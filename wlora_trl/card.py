@@ -125,12 +125,18 @@ def model_card(
     return "\n".join(lines)
 
 
-def write_model_card(directory: str | os.PathLike, report: SelectionReport, base_model: str | None,
-                     task: str | None = None, trainer_tags: list[str] | tuple[str, ...] = ("weightlora",)) -> str:  # fmt: skip
-    """Write `README.md` into `directory`, linking the heatmap if one is there; returns its path."""
-    from .plotting import HEATMAP_FILE
+_FIND_HEATMAP = object()
 
-    heatmap = HEATMAP_FILE if os.path.isfile(os.path.join(directory, HEATMAP_FILE)) else None
+
+def write_model_card(directory: str | os.PathLike, report: SelectionReport, base_model: str | None,
+                     task: str | None = None, trainer_tags: list[str] | tuple[str, ...] = ("weightlora",),
+                     heatmap: str | None | object = _FIND_HEATMAP) -> str:  # fmt: skip
+    """Write `README.md` into `directory`, linking `heatmap` (a file name in it; by default the heatmap if one is
+    there); returns its path."""
+    if heatmap is _FIND_HEATMAP:
+        from .plotting import HEATMAP_FILE
+
+        heatmap = HEATMAP_FILE if os.path.isfile(os.path.join(directory, HEATMAP_FILE)) else None
     path = os.path.join(directory, CARD_FILE)
     with open(path, "w") as f:
         f.write(model_card(report, base_model, heatmap, task, trainer_tags))

@@ -7,8 +7,9 @@ in the warm-up (a checkpoint at a step <= T, or `save_model` mid-run) therefore 
 - `adapter_config.json`: a stock LoRA config (no WeightLoRA fields; target_modules = every adapted module's name);
 - `weight_lora_warmup_adapter.safetensors`: the adapter weights as they are (unfolded), which resuming loads back:
   an adapter at omega_i = 0 keeps its weights and may re-enter the selection later, so folding must not lose them.
-After the switch the model is plain LoRA and PEFT's files need nothing, unless a serving engine wants every
-projection type in every layer: `pad_adapter` writes that copy (zeros where an adapter was dropped).
+After the switch the model is plain LoRA and PEFT's files need one thing only: with `bias="lora_only"` the trained
+biases of layers whose adapter was dropped (`finish_adapter_file` does both). A serving engine that wants every
+projection type in every layer gets `pad_adapter`'s copy (zeros where an adapter was dropped).
 """
 
 from __future__ import annotations
@@ -31,40 +32,50 @@ WEIGHT_LORA_FIELDS = {f.name for f in dataclasses.fields(WeightLoraConfig)} - {
 }
 
 
-def export_warmup_adapter(directory: str | os.PathLike, weight_lora) -> None:
-    """Make the PEFT adapter just saved in `directory` (during the warm-up) a stock adapter of the current model."""
-    model, adapter_name = weight_lora.model, weight_lora.adapter_name
-    raw = {
-        key: value.detach().cpu().contiguous()
-        for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
-    }
-    save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
-
-    omega = weight_lora.omega
-    if omega is not None:
-        factors = dict(zip(weight_lora.module_names, omega.detach().cpu().tolist()))
-        weights_path = next(
-            (
-                os.path.join(directory, name)
-                for name in ADAPTER_WEIGHTS
-                if os.path.isfile(os.path.join(directory, name))
-            ),
-            None,
-        )
-        if weights_path is None:
-            raise FileNotFoundError(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in {directory}")
+def finish_adapter_file(directory: str | os.PathLike, weight_lora) -> None:
+    """Make the adapter PEFT just wrote into `directory` the model being trained, in one read and one write of its
+    weights: during the warm-up every `lora_B` is multiplied by its omega, the config becomes a stock one with exact
+    module names, and the unfolded weights are kept beside it for resuming; with `bias="lora_only"` the trained
+    biases of dropped adapters' layers are added (PEFT saves only those of layers that still have an adapter)."""
+    warmup = not weight_lora.switched
+    if warmup:
+        raw = {
+            key: value.detach().cpu().contiguous()
+            for key, value in get_peft_model_state_dict(
+                weight_lora.model, adapter_name=weight_lora.adapter_name
+            ).items()
+        }
+        save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
+    omega = weight_lora.omega if warmup else None
+    biases = weight_lora.bias_state_dict()
+    if omega is not None or biases:
+        weights_path = _adapter_weights_path(directory)
         safetensors = weights_path.endswith(".safetensors")
         weights = load_file(weights_path) if safetensors else torch.load(weights_path, weights_only=True)
-        for module, factor in factors.items():
-            key = f"base_model.model.{module}.lora_B.weight"
-            if key not in weights:
-                raise KeyError(f"{key} is not in {weights_path}: the saved adapter does not match the model")
-            weights[key] = weights[key] * factor
+        if omega is not None:
+            for module, factor in zip(weight_lora.module_names, omega.detach().cpu().tolist()):
+                key = f"base_model.model.{module}.lora_B.weight"
+                if key not in weights:
+                    raise KeyError(f"{key} is not in {weights_path}: the saved adapter does not match the model")
+                weights[key] = weights[key] * factor
+        weights.update(biases)
         if safetensors:
             save_file(weights, weights_path, metadata={"format": "pt"})
         else:
             torch.save(weights, weights_path)
+    if warmup:
+        _write_stock_warmup_config(directory, weight_lora.module_names)
 
+
+def _adapter_weights_path(directory: str | os.PathLike) -> str:
+    for name in ADAPTER_WEIGHTS:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in {directory}")
+
+
+def _write_stock_warmup_config(directory: str | os.PathLike, module_names: list[str]) -> None:
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     with open(config_path) as f:
         config = json.load(f)
@@ -72,28 +83,13 @@ def export_warmup_adapter(directory: str | os.PathLike, weight_lora) -> None:
         config.pop(field, None)
     # Exact module names, as after the switch: PEFT would otherwise re-resolve "all-linear" or suffixes on reload.
     config.update(
-        target_modules=list(weight_lora.module_names),
+        target_modules=list(module_names),
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
     )
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-
-def write_trained_biases(directory: str | os.PathLike, weight_lora) -> None:
-    """Put the trained biases into the adapter file PEFT just wrote in `directory`, where PEFT leaves some out: with
-    `bias="lora_only"` it saves only the biases of layers that still have an adapter, but a dropped adapter's layer
-    trained its bias until the switch. Stock PEFT loads those keys back onto the plain layers."""
-    biases = weight_lora.bias_state_dict()
-    if not biases:
-        return
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS[0])
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path} is missing: save with safe_serialization=True (the default)")
-    weights = load_file(weights_path)
-    weights.update(biases)
-    save_file(weights, weights_path, metadata={"format": "pt"})
 
 
 def restore_warmup_weights(directory: str | os.PathLike, weight_lora) -> bool:
@@ -112,21 +108,22 @@ def restore_warmup_weights(directory: str | os.PathLike, weight_lora) -> bool:
     return True
 
 
-def pad_adapter(source: str | os.PathLike, target: str | os.PathLike) -> str:
+def pad_adapter(source: str | os.PathLike, target: str | os.PathLike, report=None) -> str:
     """Copy the adapter in `source` to `target` with an adapter on every (layer, projection) that was targeted: the
     dropped ones get zero weights at the kept rank, so the function is unchanged.
 
     For serving engines that want every projection type in every layer (TGI / LoRAX drop a projection type's LoRA in
     every layer when one layer lacks it; older SGLang failed without one of q/k/v). Needs the `selection.json`
     beside the adapter (format 2 or later: it records each layer's shape) and one rank for all kept adapters.
-    Returns `target`. `source` and `target` may be the same folder.
+    Returns `target`. `source` and `target` may be the same folder. `report`: the source's selection, when the
+    caller has it in memory (else read from its selection.json).
     """
     import shutil
 
     from .state import read_selection
 
     source, target = os.fspath(source), os.fspath(target)
-    report = read_selection(source)
+    report = report if report is not None else read_selection(source)
     if not report.switched:
         raise ValueError(f"{source} was saved before the switch: every adapter is still there, nothing to pad.")
     if any(a.in_features is None for a in report.adapters):

@@ -516,14 +516,25 @@ class WeightLoraModel:
             return copy.deepcopy(self.model.peft_config[self.adapter_name])
         return stock_lora_config(self.config, self.module_names, self.warmup_ranks, self.warmup_alphas)
 
-    def save_adapter(self, directory: str | os.PathLike, is_main_process: bool | None = None) -> None:
-        """Write the stock PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`) and `selection.json`.
+    def save_adapter(
+        self,
+        directory: str | os.PathLike,
+        is_main_process: bool | None = None,
+        *,
+        step: int | None = None,
+        trainer_tags: list[str] | tuple[str, ...] = ("weightlora",),
+        padded: bool = False,
+    ) -> None:
+        """Write the stock PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`) and what a save holds
+        beside it (`selection.json`, the heatmap, the model card; `wlora_trl.saving`).
 
         For custom loops, in any mode; under FSDP2 call it on every rank (it gathers the adapters), and rank 0
-        writes (`is_main_process` overrides that). `PeftModel.from_pretrained(base, directory)` reloads it."""
+        writes (`is_main_process` overrides that). `PeftModel.from_pretrained(base, directory)` reloads it. `step`
+        is recorded in selection.json; `trainer_tags` go into the card; `padded=True` pads the adapter to every
+        targeted (layer, projection) for serving engines (`export.pad_adapter`)."""
         from safetensors.torch import save_file
 
-        from .state import write_selection
+        from .saving import write_selection_files
 
         state = self.adapter_state_dict()
         if is_main_process is None:
@@ -536,7 +547,7 @@ class WeightLoraModel:
         config = self.adapter_config()
         config.inference_mode = True  # as PeftModel.save_pretrained writes it
         config.save_pretrained(directory)
-        write_selection(directory, self.report())
+        write_selection_files(directory, self.report(step), config, trainer_tags, padded=padded)
 
     def restore(self, report: SelectionReport, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Return to the state a `report()` describes (resuming a checkpoint), before its weights are loaded. Pass

@@ -49,6 +49,12 @@ def lora_config_from_selection(
     if "target_modules" in lora_config_kwargs:
         raise TypeError("target_modules comes from the selection (the kept modules); it cannot be passed here.")
     report = selection if isinstance(selection, SelectionReport) else read_selection(selection)
+    stage1 = {} if isinstance(selection, SelectionReport) else _stage1_config(selection)
+    return _lora_config(report, stage1, r=r, lora_alpha=lora_alpha, **lora_config_kwargs)
+
+
+def _lora_config(report: SelectionReport, stage1: dict, r=None, lora_alpha=None, **lora_config_kwargs) -> LoraConfig:
+    """`lora_config_from_selection` from a report and the stage-1 adapter config as a dict ({} when unknown)."""
     if not report.switched:
         raise ValueError(
             "this selection was saved during the warm-up, before the switch decided which adapters stay: use the "
@@ -59,7 +65,6 @@ def lora_config_from_selection(
     if r is None and len(ranks) != 1:
         raise ValueError(f"the kept adapters have ranks {sorted(ranks)}; pass r= to choose one for stage 2.")
     rank = r if r is not None else ranks.pop()
-    stage1 = {} if isinstance(selection, SelectionReport) else _stage1_config(selection)
     if lora_alpha is None:
         if stage1.get("alpha_pattern") or stage1.get("rank_pattern"):
             raise ValueError("the stage-1 adapter_config.json has rank or alpha patterns: pass r= and lora_alpha=.")
@@ -114,11 +119,15 @@ def lora_targets_yaml(config: LoraConfig, report: SelectionReport, source: str) 
     return "\n".join(lines)
 
 
-def write_lora_targets(directory: str | os.PathLike, report: SelectionReport | None = None) -> str:
-    """Write `lora_targets.yaml` beside a stage-1 folder's selection.json; returns its path."""
+def write_lora_targets(
+    directory: str | os.PathLike, report: SelectionReport | None = None, adapter_config: LoraConfig | None = None
+) -> str:
+    """Write `lora_targets.yaml` beside a stage-1 folder's selection.json; returns its path. `report` and
+    `adapter_config` (the stock config of the adapter saved there) are read from the folder when not given."""
     directory = os.fspath(directory)
     report = report or read_selection(directory)
-    config = lora_config_from_selection(directory)
+    stage1 = adapter_config.to_dict() if adapter_config is not None else _stage1_config(directory)
+    config = _lora_config(report, stage1)
     path = os.path.join(directory, TARGETS_FILE)
     with open(path, "w") as f:
         f.write(lora_targets_yaml(config, report, directory))

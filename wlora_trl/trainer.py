@@ -45,16 +45,10 @@ from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
 from .card import write_model_card
 from .config import CITATION, WeightLoraConfig
 from .distributed import check_ranks_agree, ddp_inside, keep_fsdp2_outputs_in_full_precision, rewrap_ddp
-from .export import (
-    WARMUP_STATE_FILE,
-    export_warmup_adapter,
-    pad_adapter,
-    restore_warmup_weights,
-    write_trained_biases,
-)
+from .export import WARMUP_STATE_FILE, finish_adapter_file, restore_warmup_weights
 from .model import WeightLoraModel
-from .portable import write_lora_targets
-from .state import SelectionReport, kept_per_projection, read_selection, write_selection
+from .saving import write_selection_files
+from .state import SelectionReport, kept_per_projection, read_selection
 from .surgery import innermost_optimizer
 from .trackers import log_heatmap_to_trackers
 
@@ -347,34 +341,28 @@ class WeightLoraMixin:
         `padded=True`: an adapter on every targeted (layer, projection), zeros where one was dropped, for serving
         engines that want that shape (see `export.pad_adapter`)."""
         directory = output_dir or self.args.output_dir
+        tags = getattr(self, "_tag_names", ())
         if self.weight_lora.mask_mode:
             # FSDP2: every rank gathers the kept adapters only (never the base model: the Trainer's full state dict
             # would gather all of it, and PEFT would save the switched-off adapters too); rank 0 writes the stock
             # adapter (omega folded in during the warm-up). Resuming uses the Trainer's own FSDP checkpoint files.
-            self.weight_lora.save_adapter(directory, is_main_process=self.args.should_save)
+            self.weight_lora.save_adapter(
+                directory, self.args.should_save, step=self.state.global_step, trainer_tags=tags, padded=padded
+            )
             # Under FSDP2 the Trainer's own FSDP files hold the unfolded weights: gather them again only without it.
             raw = None if self.weight_lora.switched or self.is_fsdp_enabled else self.weight_lora.warmup_state_dict()
             if self.args.should_save:
                 self._save_tokenizer_and_args(directory)
                 if raw is not None:  # the unfolded warm-up weights, for a resume without FSDP's own files
                     save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
-        else:
-            super().save_model(output_dir, _internal_call)
-            if self.args.should_save:
-                write_trained_biases(directory, self.weight_lora)
+            return
+        super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            if not self.weight_lora.switched and not self.weight_lora.mask_mode:
-                # During the warm-up: fold omega into the saved lora_B and write a stock config, so the file is
-                # the model being trained; keep the unfolded weights beside it for resuming.
-                export_warmup_adapter(directory, self.weight_lora)
+            # PEFT's file as the model being trained: omega folded in during the warm-up (the unfolded weights
+            # beside it, for resuming), dropped adapters' trained biases with bias="lora_only".
+            finish_adapter_file(directory, self.weight_lora)
             report = self.weight_lora.report(self.state.global_step)
-            write_selection(directory, report)
-            _try_heatmap(report, directory)
-            self._write_card(directory, report)
-            if report.selection_only:  # saved by select_adapters: add the config-driven trainers' form
-                write_lora_targets(directory, report)
-            if padded:
-                pad_adapter(directory, directory)
+            write_selection_files(directory, report, self.weight_lora.adapter_config(), tags, padded=padded)
 
     def _save_tokenizer_and_args(self, directory: str) -> None:
         """What `Trainer._save` writes beside the weights."""
@@ -391,7 +379,7 @@ class WeightLoraMixin:
             self._write_card(self.args.output_dir, self.weight_lora.report(self.state.global_step))
 
     def _write_card(self, directory: str, report) -> None:
-        config = self.weight_lora.model.peft_config[self.weight_lora.adapter_name]
+        config = self.weight_lora.adapter_config()
         task = getattr(config.task_type, "value", config.task_type)
         write_model_card(directory, report, config.base_model_name_or_path, task, getattr(self, "_tag_names", ()))
 
@@ -428,16 +416,6 @@ class _SwitchThenStop(TrainerCallback):
             control.should_training_stop = True
             control.should_log = True
         return control
-
-
-def _try_heatmap(report, directory: str) -> None:
-    """The selection heatmap beside selection.json, when matplotlib is installed (an optional dependency)."""
-    try:
-        from .plotting import HEATMAP_FILE, plot_selection_heatmap
-
-        plot_selection_heatmap(report, os.path.join(directory, HEATMAP_FILE))
-    except ImportError:
-        pass
 
 
 _REFUSALS = """

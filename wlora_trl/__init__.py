@@ -11,6 +11,8 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "CITATION": ".config",
     "WeightLoraConfig": ".config",
+    "WeightLoraDPOTrainer": ".trl_trainers",
+    "WeightLoraGRPOTrainer": ".trl_trainers",
     "WeightLoraMixin": ".trainer",
     "WeightLoraModel": ".model",
     "WeightLoraSFTTrainer": ".trainer",
@@ -20,6 +22,8 @@ _EXPORTS = {
 __all__ = [
     "CITATION",
     "WeightLoraConfig",
+    "WeightLoraDPOTrainer",
+    "WeightLoraGRPOTrainer",
     "WeightLoraMixin",
     "WeightLoraModel",
     "WeightLoraSFTTrainer",
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from .model import WeightLoraModel
     from .portable import lora_config_from_selection
     from .trainer import WeightLoraMixin, WeightLoraSFTTrainer, WeightLoraTrainer
+    from .trl_trainers import WeightLoraDPOTrainer, WeightLoraGRPOTrainer
 
 
 def __getattr__(name: str):

@@ -39,6 +39,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import ParamWrapper
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -142,12 +144,86 @@ class _OmegaOptimizerGuard:
         self._handle.remove()
 
 
+def trained_adapter(model: PeftModel) -> str:
+    """The adapter WeightLoRA selects within: the model's one active adapter, made from a `WeightLoraConfig`.
+
+    Other adapters may stay when they are inactive and frozen, and made either from another config class (a frozen
+    LoRA someone keeps for comparison) or from the trained adapter's own config object: that is how TRL's DPO and
+    GRPO trainers add their reference policy to a PeftModel (`model.add_adapter("ref", model.peft_config["default"])`,
+    weights copied). WeightLoRA leaves them alone: not counted in n, not gated, not dropped, not exported. Refused as
+    ambiguous: several active adapters, another adapter that trains, another adapter with a WeightLoraConfig of its
+    own (two selections were probably meant).
+    """
+    names = sorted(model.peft_config)
+    if len(names) == 1:
+        trained = names[0]
+    else:
+        active = list(model.active_adapters)
+        if len(active) != 1:
+            raise ValueError(
+                f"The model has {len(names)} adapters ({names}) and {len(active)} of them are active ({active}); "
+                "WeightLoRA selects within the one adapter that trains. Activate one (model.set_adapter(name)) and "
+                "delete the others (model.delete_adapter(name)) or freeze them."
+            )
+        (trained,) = active
+    config = model.peft_config[trained]
+    if not isinstance(config, WeightLoraConfig):
+        others = [name for name in names if isinstance(model.peft_config[name], WeightLoraConfig)]
+        hint = (
+            f" The WeightLoraConfig adapter {others[0]!r} is not active: model.set_adapter({others[0]!r})."
+            if others
+            else ""
+        )
+        raise TypeError(
+            f"The adapter {trained!r} was made from {type(config).__name__}; use wlora_trl.WeightLoraConfig (a "
+            f"drop-in for peft.LoraConfig) so WeightLoRA knows K and T.{hint}"
+        )
+    for other in names:
+        if other == trained:
+            continue
+        training = [p for p in peft_adapter_parameters(model, other) if p.requires_grad]
+        if training:
+            raise ValueError(
+                f"The model has {len(names)} adapters ({names}); WeightLoRA selects within the active one, "
+                f"{trained!r}, but {other!r} trains too ({len(training)} of its parameters require grad), outside the "
+                f"selection. Freeze it (requires_grad_(False) on its parameters) or delete it "
+                f"(model.delete_adapter({other!r}))."
+            )
+        if isinstance(model.peft_config[other], WeightLoraConfig) and model.peft_config[other] is not config:
+            raise ValueError(
+                f"The model has {len(names)} adapters ({names}); WeightLoRA selects within a single adapter, the "
+                f"active {trained!r}, but {other!r} has a WeightLoraConfig of its own, as if it were to be selected "
+                f"too. Delete it (model.delete_adapter({other!r})). A frozen adapter that should stay, such as a "
+                "reference policy, is made from a peft.LoraConfig, or from the trained adapter's own config as TRL's "
+                f"DPO and GRPO trainers do (model.add_adapter(name, model.peft_config[{trained!r}]))."
+            )
+    return trained
+
+
+def peft_adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """Every parameter PEFT holds for `adapter_name`: its LoRA weights and its `modules_to_save` copies."""
+    found: list[nn.Parameter] = []
+    for module in model.modules():
+        if not isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            continue
+        for attribute in module.adapter_layer_names:
+            container = module
+            for part in attribute.split("."):  # e.g. "token_adapter.trainable_tokens_delta"
+                container = getattr(container, part, None)
+            if container is not None and adapter_name in container:
+                item = container[adapter_name]
+                found.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+    return found
+
+
 def _few(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 class WeightLoraModel:
-    """Owns WeightLoRA's state for a `PeftModel` whose single adapter was made from a `WeightLoraConfig`.
+    """Owns WeightLoRA's state for a `PeftModel` whose adapter was made from a `WeightLoraConfig`.
+
+    WeightLoRA selects within the model's active adapter (`trained_adapter` says which other adapters may stay).
 
     Adapter i (the i-th LoRA module in `model.named_modules()` order) is gated by `omega[i]`. Pass `max_steps`
     (or call `set_max_steps`) when `selection_steps` is a fraction.
@@ -171,16 +247,17 @@ class WeightLoraModel:
                 f"WeightLoraModel needs a peft.PeftModel, got {type(model).__name__}. Wrap the model first: "
                 "get_peft_model(model, WeightLoraConfig(...))."
             )
-        if len(model.peft_config) != 1:
+        self.adapter_name = trained_adapter(model)
+        config = model.peft_config[self.adapter_name]
+        # Frozen adapters beside the trained one (TRL's reference copy, "ref"): never counted, gated, dropped or saved.
+        self.other_adapters = tuple(sorted(name for name in model.peft_config if name != self.adapter_name))
+        if mask_mode and self.other_adapters:
             raise ValueError(
-                f"The model has {len(model.peft_config)} adapters ({sorted(model.peft_config)}); WeightLoRA selects "
-                "within a single adapter. Delete the others (model.delete_adapter(name)) before training."
-            )
-        ((self.adapter_name, config),) = model.peft_config.items()
-        if not isinstance(config, WeightLoraConfig):
-            raise TypeError(
-                f"The adapter {self.adapter_name!r} was made from {type(config).__name__}; use "
-                "wlora_trl.WeightLoraConfig (a drop-in for peft.LoraConfig) so WeightLoRA knows K and T."
+                f"The model holds frozen adapters besides the trained one ({list(self.other_adapters)}, e.g. the "
+                "reference copy TRL's DPO and GRPO trainers add to a PeftModel), which mask mode (FSDP2) does not "
+                "support: its switch turns dropped layers off in place, theirs included. Pass a plain model with "
+                "peft_config= instead (the trainers then use the base model, adapters disabled, as the reference), "
+                "or a ref_model, or delete them (model.delete_adapter(name))."
             )
         self.model = model
         self.config: WeightLoraConfig = config
@@ -384,7 +461,7 @@ class WeightLoraModel:
                         replacements.update({id(p): [] for p in mask_adapter(layer, self.adapter_name)})
                     else:
                         replacements.update({id(p): [] for p in adapter_parameters(layer, self.adapter_name)})
-                        drop_adapter(self.base, name)
+                        drop_adapter(self.base, name, self.adapter_name)
                     infos.append(AdapterRecord(index, name, omega[index], False, 0, *self.shapes[name]))
                     continue
                 factor = 1.0 if omega[index] is None else omega[index]

@@ -1,6 +1,7 @@
 """The switch at step T, as operations on a PEFT LoRA model and on an optimizer.
 
-- `drop_adapter` turns an adapted module back into its base layer: no LoRA parameters, no compute.
+- `drop_adapter` turns an adapted module back into its base layer: no LoRA parameters, no compute (other, frozen
+  adapters of the layer stay).
 - `rebuild_adapter` gives a kept adapter its post-switch form: re-initialised (A random, B zero) or with omega
   folded into B, at rank r or, for WeightLoRA+, 2r.
 - `stock_lora_config` writes the result as a plain `peft.LoraConfig`, so the saved adapter loads with stock PEFT.
@@ -23,10 +24,20 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 
-def drop_adapter(root: nn.Module, module_name: str) -> list[nn.Parameter]:
-    """Replace the LoRA wrapper at `module_name` by its base layer; returns the LoRA parameters that left."""
+def drop_adapter(root: nn.Module, module_name: str, adapter_name: str) -> list[nn.Parameter]:
+    """Take `adapter_name` off the LoRA layer at `module_name`; returns its parameters that left.
+
+    A layer left without adapters becomes its base layer again. One that holds other, frozen adapters (TRL's
+    reference copy "ref") keeps them: only this adapter's entries go, as in PEFT's `delete_adapter` but without
+    making another adapter active there, so the layer computes its base layer alone until one is set."""
     layer = root.get_submodule(module_name)
-    removed = [p for name, p in layer.named_parameters() if "lora_" in name]
+    removed = adapter_parameters(layer, adapter_name)
+    if any(name != adapter_name for name in layer.r):
+        for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
+            entries = getattr(layer, attribute)
+            if adapter_name in entries:
+                del entries[adapter_name]
+        return removed
     parent_name, _, child_name = module_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child_name, layer.get_base_layer())

@@ -23,13 +23,15 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
   (dropped adapters zeroed and switched off in place, kept ones re-initialised shard by shard), omega lives outside
   the sharded model, and `save_model` gathers only the kept adapters into a stock PEFT adapter.
 
-Limits: DeepSpeed and FSDP version 1 are refused, one adapter, plain LoRA on linear layers (no DoRA or
-other variants), `load_best_model_at_end` refused (checkpoints on either side of the switch differ in structure).
+Limits: DeepSpeed and FSDP version 1 are refused, one trained adapter (frozen ones beside it, such as the reference
+copy TRL's DPO and GRPO trainers add, are left alone), plain LoRA on linear layers (no DoRA or other variants),
+`load_best_model_at_end` refused (checkpoints on either side of the switch differ in structure).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from typing import Any
@@ -103,13 +105,36 @@ def _check_training_args(args: Any) -> None:
         )
 
 
+def _parent_trainer_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments the mixin passes on, by the names of the trainer after it in the MRO: `DPOTrainer(model,
+    ref_model, args)` and `GRPOTrainer(model, reward_funcs, args)` do not take the training arguments second. Empty
+    when they do not bind (the parent trainer then raises its own error); its checks run again after it is built."""
+    mro = cls.__mro__
+    parent = mro[mro.index(WeightLoraMixin) + 1]
+    signature = inspect.signature(parent.__init__)
+    try:
+        bound = signature.bind(None, *args, **kwargs)  # None: `self`
+    except TypeError:
+        return {}
+    named = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:  # a parent that forwards **kwargs: the names it forwards
+            named.update({key: item for key, item in value.items() if key not in named})
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
+
+
 class WeightLoraMixin:
     """Adds WeightLoRA to any `transformers.Trainer` subclass whose model is, or is made into, a PeftModel from a
-    `WeightLoraConfig`: `class WeightLoraDPOTrainer(WeightLoraMixin, DPOTrainer): pass` for a TRL trainer that
-    takes `peft_config=`. Cooperative: it checks the arguments, lets the trainer build everything, then attaches
+    `WeightLoraConfig`: `class MyTrainer(WeightLoraMixin, SomeTRLTrainer): pass` for a TRL trainer that takes
+    `peft_config=` (DPO and GRPO ship as `wlora_trl.WeightLoraDPOTrainer` / `WeightLoraGRPOTrainer`). It reads
+    `model`, `args` and `peft_config` by the parameter names of the trainer after it in the MRO, so any argument
+    order works. Cooperative: it checks the arguments, lets the trainer build everything, then attaches
     `self.weight_lora` (a `WeightLoraModel`). It overrides `create_optimizer` (omega stays out), `training_step`
-    (the switch, omega's gradient), `save_model` / `_load_from_checkpoint` (selection.json, warm-up saves),
-    `train` and `log`.
+    (the switch, omega's gradient), `save_model` / `_save` / `_load_from_checkpoint` (selection.json, warm-up saves,
+    the trained adapter only), `train` and `log`.
     """
 
     weight_lora: WeightLoraModel
@@ -117,9 +142,10 @@ class WeightLoraMixin:
     _force_mask_mode = False
 
     def __init__(self, *args, **kwargs):
-        _check_training_args(kwargs.get("args", args[1] if len(args) > 1 else None))
-        if kwargs.get("model_init") is None:
-            _check_peft_config(kwargs.get("peft_config"), kwargs.get("model", args[0] if args else None))
+        given = _parent_trainer_arguments(type(self), args, kwargs)
+        _check_training_args(given.get("args"))
+        if given.get("model_init") is None:
+            _check_peft_config(given.get("peft_config"), given.get("model"))
         super().__init__(*args, **kwargs)
         self._setup_weight_lora()
 
@@ -364,6 +390,20 @@ class WeightLoraMixin:
             report = self.weight_lora.report(self.state.global_step)
             write_selection_files(directory, report, self.weight_lora.adapter_config(), tags, padded=padded)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.weight_lora.model
+        if len(model.peft_config) == 1:
+            return super()._save(output_dir, state_dict)
+        # Frozen adapters beside the trained one (TRL's reference copy "ref"): PEFT would save each into a subfolder,
+        # with WeightLoRA's config fields. The export is the trained adapter only.
+        if not self.args.should_save:
+            return None
+        directory = output_dir or self.args.output_dir
+        os.makedirs(directory, exist_ok=True)
+        model.save_pretrained(directory, state_dict=state_dict, selected_adapters=[self.weight_lora.adapter_name])
+        self._save_tokenizer_and_args(directory)
+        return None
+
     def _save_tokenizer_and_args(self, directory: str) -> None:
         """What `Trainer._save` writes beside the weights."""
         from transformers.trainer import TRAINING_ARGS_NAME
@@ -422,9 +462,10 @@ _REFUSALS = """
     Raises (at construction, before any training; every message says what to change):
         TypeError: `peft_config` is not a `WeightLoraConfig` (a plain `LoraConfig`, another PEFT method), or the
             model's adapter was not made from one.
-        ValueError: no LoRA adapters (neither `peft_config` nor a PeftModel); several adapters; LoRA on parameters
-            (`target_parameters`, e.g. mixture-of-experts experts with `all-linear`), on embeddings
-            (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or K > n; T >= `max_steps`;
+        ValueError: no LoRA adapters (neither `peft_config` nor a PeftModel); several adapters that are active,
+            trainable or made from WeightLoraConfigs of their own (a frozen reference copy may stay, except under
+            FSDP2); LoRA on parameters (`target_parameters`, e.g. mixture-of-experts experts with `all-linear`), on
+            embeddings (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or K > n; T >= `max_steps`;
             FSDP version 1 or DeepSpeed; `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a
             model that went through the switch already. (LoRA variants, `lora_bias`, unsupported inits, and
             `plus=True` with a K other than n/2 are refused by `WeightLoraConfig` itself.)

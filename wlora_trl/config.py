@@ -57,9 +57,9 @@ class WeightLoraConfig(LoraConfig):
             is unchanged), LoRA's parameter budget.
         reinit (`bool`, defaults to `True`): re-initialise kept adapters at the switch (the paper); False keeps
             their weights and folds omega into B, so the switch does not change the model's function. In the
-            300-step SmolLM2 / GSM8K study False lowered the held-out loss on every seed (by about 0.003 for
-            WeightLoRA and 0.0015 for WeightLoRA+, more with a longer warm-up): prefer it when T is a large share of
-            the run, or when the switch must not change the model.
+            SmolLM2 / GSM8K quality study (docs: Benchmarks) False lowered the held-out loss slightly on every seed,
+            more with a longer warm-up: prefer it when T is a large share of the run, or when the switch must not
+            change the model.
         selection (`"stoiht" | "random"`, defaults to `"stoiht"`): the paper's method, or K random adapters kept
             after T steps without omega (the paper's RLoRA ablation).
 

@@ -76,6 +76,19 @@ def run(arm: str, seed: int, max_steps: int, output_dir: str) -> dict[str, float
     }
 
 
+def markdown_table(results: dict) -> str:
+    """Evaluation loss per arm, by steps after the switch (means over the seeds): the table the trainers page shows."""
+    labels = {"reinit": "reinit=True", "keep": "reinit=False", "lora": "plain LoRA"}
+    afters = sorted({int(key.rsplit("_plus", 1)[1]) for key in results["means"]})
+    arms = [arm for arm in labels if any(key.startswith(f"{arm}_T") for key in results["means"])]
+    lines = ["| steps after the switch | " + " | ".join(labels[a] for a in arms) + " |", "|---:|" + "---:|" * len(arms)]
+    for after in afters:
+        means = [results["means"][f"{arm}_T{results['T']}_plus{after}"] for arm in arms]
+        cells = [f"{mean['eval_loss']:.3f}" for mean in means]
+        lines.append(f"| {after} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="benchmarks/results/dpo_reinit_tiny.json")

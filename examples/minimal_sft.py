@@ -22,7 +22,7 @@ parser.add_argument("--max_steps", type=int, default=30)
 parser.add_argument("--output_dir", default="outputs/minimal_sft")
 args = parser.parse_args()
 
-# Offline defaults: the packaged model copy and the local GSM8K files (see the README); online, pass hub ids.
+# Offline defaults: the packaged model copy and the local GSM8K files (see docs/source/quickstart.md); online, pass hub ids.
 from wlora_trl._offline.data import resolve_data_dir  # noqa: E402
 from wlora_trl._offline.models import resolve_model  # noqa: E402
 

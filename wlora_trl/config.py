@@ -72,9 +72,9 @@ class WeightLoraConfig(LoraConfig):
             is unchanged), LoRA's parameter budget.
         reinit (`bool`, defaults to `True`): re-initialise kept adapters at the switch (the paper); False keeps
             their weights and folds omega into B, so the switch does not change the model's function. In the
-            300-step SmolLM2 / GSM8K study False lowered the held-out loss on every seed (by about 0.003 for
-            WeightLoRA and 0.0015 for WeightLoRA+, more with a longer warm-up): prefer it when T is a large share of
-            the run, or when the switch must not change the model.
+            SmolLM2 / GSM8K quality study (docs: Benchmarks) False lowered the held-out loss slightly on every seed,
+            more with a longer warm-up: prefer it when T is a large share of the run, or when the switch must not
+            change the model.
         selection (`"stoiht" | "random"`, defaults to `"stoiht"`): the paper's method, or K random adapters kept
             after T steps without omega (the paper's RLoRA ablation).
 
@@ -112,9 +112,8 @@ class WeightLoraConfig(LoraConfig):
         metadata={
             "help": "Step size of the plain SGD step on omega (omega <- omega - omega_lr * grad). Not scaled by the "
             "learning-rate schedule and not clipped with the other gradients, so a long LR warm-up does not "
-            "freeze the selection. omega's gradient is small (median |grad| ~3e-4 on SmolLM2-135M at LoRA lr "
-            "2e-4), so 100 moves omega by ~1e-2 per step: enough for every warm-up step to count, far from fp32 "
-            "resolution near 1, and well short of the overshoot seen at 1000."
+            "freeze the selection. omega's gradient is small, so the step size is large: in the GSM8K study's "
+            "sweep (docs: benchmarks) 10, 100 and 1000 ended at the same held-out loss."
         },
     )
     plus: bool = field(
@@ -129,8 +128,8 @@ class WeightLoraConfig(LoraConfig):
         metadata={
             "help": "Re-initialise kept adapters at the switch (A random, B zero), as the paper does. False keeps "
             "their trained A and B and folds omega_i into B, so the model's function is unchanged by the switch; in "
-            "the README's 300-step study it lowered the held-out loss slightly on every seed (more with a longer "
-            "warm-up), so prefer it when T is a large share of the run."
+            "the GSM8K study (docs: benchmarks) it lowered the held-out loss slightly on every seed (more with a longer "
+            "warm-up), so prefer it when T is a large share of the run, and for DPO (the docs' trainers page)."
         },
     )
     selection: Literal["stoiht", "random"] = field(

@@ -349,7 +349,7 @@ class WeightLoraModel:
         return grad
 
     def omega_step(self, grad: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor | bool:
-        """One StoIHT step: SGD on omega with `omega_lr`, then keep its K largest |omega_i|.
+        """One StoIHT step: SGD on omega with `omega_lr`, then keep its K largest `|omega_i|`.
 
         Uses omega's accumulated gradient unless `grad` is given (the trainers pass the unscaled gradient they
         took before clipping); `skip` (a 0-d bool tensor such as a fused optimizer's `found_inf`) skips the step.

@@ -7,10 +7,11 @@ The switch's outcome is a plain LoRA configuration (which modules, which rank). 
     stage 2  any LoRA trainer on any setup (FSDP2, DeepSpeed, Axolotl, LLaMA-Factory) with that configuration:
              `SFTTrainer(peft_config=lora_config_from_selection("select_dir"))`.
 
-How stage 2 differs from the one-run method (README, "Past one GPU"): the optimizer state and the LR schedule start
-fresh and the T warm-up batches come again; with the paper's default `reinit=True` the kept adapters start from a
-fresh initialisation in the one-run method too. With `reinit=False` stage 2 can start from the warm-up's adapters by
-loading the stage-1 folder with `PeftModel.from_pretrained(base, select_dir, is_trainable=True)` (from Python).
+How stage 2 differs from the one-run method (docs/source/distributed.md, "Past one GPU"): the optimizer state and
+the LR schedule start fresh and the T warm-up batches come again; with the paper's default `reinit=True` the kept
+adapters start from a fresh initialisation in the one-run method too. With `reinit=False` stage 2 can start from the
+warm-up's adapters by loading the stage-1 folder with `PeftModel.from_pretrained(base, select_dir, is_trainable=True)`
+(from Python).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ SHARDING_UNSUPPORTED = (
     "torchrun, and FSDP2 (`fsdp_version: 2`, the packaged `wlora-trl config-path fsdp2`). Another route for a model "
     "past one GPU's memory is two-stage: select on one GPU (a 4-bit base works) with `wlora-trl select` or "
     "`trainer.select_adapters()`, then train `lora_config_from_selection(dir)` with stock TRL under any engine "
-    "(README: 'Past one GPU'). Otherwise remove the deepspeed/fsdp settings."
+    "(docs/source/distributed.md: 'Past one GPU'). Otherwise remove the deepspeed/fsdp settings."
 )
 
 
@@ -302,7 +302,7 @@ class WeightLoraMixin:
         kept modules and `lora_targets.yaml` (TRL ModelConfig keys), and `wlora_trl.lora_config_from_selection(dir)`
         turns the folder into the `LoraConfig` of any LoRA trainer's stage 2 (FSDP2, DeepSpeed, other frameworks). T is resolved as in a full run, so give the
         planned run's length (`max_steps` or epochs) when T is a fraction. Works wherever `train()` does (one
-        device, 8-bit or 4-bit bases, DDP)."""
+        device, 8-bit or 4-bit bases, DDP, FSDP2)."""
         if self.weight_lora.switched:
             raise RuntimeError("WeightLoRA: the switch already happened; the selection is in weight_lora.report().")
         checkpoint = resume_from_checkpoint
@@ -459,20 +459,20 @@ class _SwitchThenStop(TrainerCallback):
 
 
 _REFUSALS = """
-    Raises (at construction, before any training; every message says what to change):
-        TypeError: `peft_config` is not a `WeightLoraConfig` (a plain `LoraConfig`, another PEFT method), or the
-            model's adapter was not made from one.
-        ValueError: no LoRA adapters (neither `peft_config` nor a PeftModel); several adapters that are active,
-            trainable or made from WeightLoraConfigs of their own (a frozen reference copy may stay, except under
-            FSDP2); LoRA on parameters (`target_parameters`, e.g. mixture-of-experts experts with `all-linear`), on
-            embeddings (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or K > n; T >= `max_steps`;
-            FSDP version 1 or DeepSpeed; `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a
-            model that went through the switch already. (LoRA variants, `lora_bias`, unsupported inits, and
-            `plus=True` with a K other than n/2 are refused by `WeightLoraConfig` itself.)
-
-    Raises (during training):
-        RuntimeError: several processes but the model is not wrapped in DDP (first step), or ranks that hold
-            different omega at the switch.
+    Raises:
+        TypeError: At construction, before any training (as every error here, the message says what to change):
+            `peft_config` is not a `WeightLoraConfig` (a plain `LoraConfig`, another PEFT method), or the model's
+            adapter was not made from one.
+        ValueError: At construction: no LoRA adapters (neither `peft_config` nor a PeftModel); several adapters
+            that are active, trainable or made from WeightLoraConfigs of their own (a frozen reference copy may
+            stay, except under FSDP2); LoRA on parameters (`target_parameters`, e.g. mixture-of-experts experts with
+            `all-linear`), on embeddings (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or
+            K > n; T >= `max_steps`; FSDP version 1 or DeepSpeed; `load_best_model_at_end=True`; several GPUs in
+            one process (nn.DataParallel); a model that went through the switch already. (LoRA variants,
+            `lora_bias`, unsupported inits, and `plus=True` with a K other than n/2 are refused by
+            `WeightLoraConfig` itself.)
+        RuntimeError: During training: several processes but the model is not wrapped in DDP (first step), or
+            ranks that hold different omega at the switch.
 """
 
 

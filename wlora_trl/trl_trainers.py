@@ -34,12 +34,11 @@ class WeightLoraDPOTrainer(WeightLoraMixin, DPOTrainer):
         trainer.save_model("out")  # the trained adapter only, stock PEFT LoRA, + selection.json
         ```
 
-    Model forms (each tested through the switch, the saved adapter reloaded by stock PEFT):
-    - a plain model with `peft_config=WeightLoraConfig(...)`, or a PeftModel made with `get_peft_model(model,
-      WeightLoraConfig(...))` and no `peft_config`;
-    - either one with a reference model (`ref_model`, positionally or by keyword) or without. Without one the
-      reference is the base model (adapters disabled) for `peft_config=`, and for a PeftModel the frozen copy of
-      its adapter that TRL adds, `ref`, which WeightLoRA leaves alone.
+    Model forms (each tested through the switch, the saved adapter reloaded by stock PEFT): a plain model with
+    `peft_config=WeightLoraConfig(...)`, or a PeftModel made with `get_peft_model` from a `WeightLoraConfig` and
+    no `peft_config`; either one with a reference model (`ref_model`, positionally or by keyword) or without.
+    Without one the reference is the base model (adapters disabled) for `peft_config=`, and for a PeftModel the
+    frozen copy of its adapter that TRL adds, `ref`, which WeightLoRA leaves alone.
 
     What the switch does to DPO: DPO's implicit reward is measured against the reference policy. With
     `reinit=True` (the default, the paper's method) the kept adapters restart at zero, so the step after the switch
@@ -48,10 +47,9 @@ class WeightLoraDPOTrainer(WeightLoraMixin, DPOTrainer):
     the warm-up's preference progress is gone (its T steps only chose the adapters). `reinit=False` keeps the
     kept adapters' weights (omega folded in; the model's function is unchanged at the switch), so training goes
     on from where the warm-up left it. Prefer `reinit=False` for DPO unless the run after the switch is long
-    compared with the warm-up. Measured on a tiny Llama (`benchmarks/dpo_reinit.py`: 100 preference pairs, T = 10,
-    three seeds, evaluation loss): 5 steps after the switch, reinit=True 0.672 and reinit=False 0.585 (plain LoRA
-    0.545); 30 steps after, 0.531 and 0.537 (plain LoRA 0.508), the same within the seeds' spread. (With a
-    PeftModel whose adapter was trained before, the reference is that adapter, and `reinit=True` discards it too.)
+    compared with the warm-up: the documentation's trainers page shows what `benchmarks/dpo_reinit.py` measured.
+    (With a PeftModel whose adapter was trained before, the reference is that adapter, and `reinit=True` discards
+    it too.)
 """
         + _REFUSALS
     )
@@ -78,17 +76,16 @@ class WeightLoraGRPOTrainer(WeightLoraMixin, GRPOTrainer):
         trainer.save_model("out")  # the trained adapter only, stock PEFT LoRA, + selection.json
         ```
 
-    Model forms (each tested through the switch, the saved adapter reloaded by stock PEFT):
-    - a plain model with `peft_config=WeightLoraConfig(...)`, or a PeftModel made with `get_peft_model(model,
-      WeightLoraConfig(...))` and no `peft_config`;
-    - either one with a reference model (`beta > 0`; TRL's default is `beta=0.0`, no reference) or without. The
-      reference is the base model (adapters disabled) for `peft_config=`, and for a PeftModel the frozen copy of
-      its adapter that TRL adds, `ref`, which WeightLoRA leaves alone.
+    Model forms (each tested through the switch, the saved adapter reloaded by stock PEFT): a plain model with
+    `peft_config=WeightLoraConfig(...)`, or a PeftModel made with `get_peft_model` from a `WeightLoraConfig` and
+    no `peft_config`; either one with a reference model (`beta > 0`; TRL's default is `beta=0.0`, no reference)
+    or without. The reference is the base model (adapters disabled) for `peft_config=`, and for a PeftModel the
+    frozen copy of its adapter that TRL adds, `ref`, which WeightLoRA leaves alone.
 
     What the switch does to GRPO: with `reinit=True` (the default) the policy restarts at the model of step 0, so
     the completions of step T+1 are sampled from it again and, with `beta > 0`, the KL to the reference is 0 there.
     `reinit=False` keeps what the warm-up learned, which matters most when the run after the switch is short (see
-    `WeightLoraDPOTrainer` for DPO's numbers; GRPO's were not measured).
+    `WeightLoraDPOTrainer` for DPO; GRPO's trade-off was not measured).
 """
         + _REFUSALS
     )

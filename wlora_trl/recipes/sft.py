@@ -30,7 +30,7 @@ What it does, in order:
    questions, and exact match of greedy generations on the first `--exact_match_samples` test questions (the number
    after `####`, else the last number). Prints the table and writes `eval_results.{json,md}`.
 
-Defaults are sized for 2 CPU cores (about 7 minutes in all, see the README). bf16 autocast is on where it is fast: a
+Defaults are sized for 2 CPU cores (about 7 minutes in all, see docs/source/quickstart.md). bf16 autocast is on where it is fast: a
 GPU, or a CPU with native bf16 (fp32 on other CPUs); gradient checkpointing on a GPU only. Explicit values win.
 
 Under FSDP2 (`wlora-trl sft --accelerate_config fsdp2`, or `accelerate launch --config_file $(wlora-trl

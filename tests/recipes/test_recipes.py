@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from wlora_trl import WeightLoraConfig
 from wlora_trl._offline.data import resolve_data_dir
 from wlora_trl._offline.models import MissingModelPackageError, smollm2_path
-from wlora_trl.recipes import classify_boolq, common, sft
+from wlora_trl.recipes import classify, classify_boolq, common, sft
 from wlora_trl.recipes.tasks import DataFormatError
 from wlora_trl.state import read_selection
 
@@ -251,7 +251,7 @@ def no_training(monkeypatch):
         raise AssertionError("the trainer was built: the error should have come first")
 
     monkeypatch.setattr(sft, "WeightLoraSFTTrainer", refuse)
-    monkeypatch.setattr(classify_boolq, "WeightLoraTrainer", refuse)
+    monkeypatch.setattr(classify, "WeightLoraTrainer", refuse)  # classify_boolq is classify with BoolQ's defaults
 
 
 def test_sft_missing_data_folder(tmp_path, no_training):

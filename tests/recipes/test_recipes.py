@@ -373,7 +373,7 @@ def test_classify_boolq_malformed_row(tmp_path, no_training):
 # --- the example files themselves -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["examples/sft_gsm8k.py", "examples/classify_boolq.py"])
+@pytest.mark.parametrize("script", ["examples/sft_gsm8k.py", "examples/classify_boolq.py", "examples/classify_glue.py"])
 def test_example_scripts_run_and_show_flags(script):
     """The thin wrappers import the package and expose the recipe's parser (`--help` exits 0 and lists our flags)."""
     result = subprocess.run(

@@ -56,11 +56,7 @@ def config_number(value: str | int | float, name: str) -> int | float:
 
 
 @dataclass
-class WeightLoraArguments(PeerArguments):
-    """The adapter method and WeightLoRA's knobs as command-line flags: every knob is a `WeightLoraConfig` field of
-    the same name, with its default and help (LoRA's r/alpha/dropout/targets come from `trl.ModelConfig`'s
-    `--lora_*` flags), and the peers' own (`peers.PeerArguments`)."""
-
+class _MethodArguments:
     method: Literal["weightlora", "random", "lora", "adalora", "eva"] = field(
         default="weightlora",
         metadata={
@@ -76,6 +72,13 @@ class WeightLoraArguments(PeerArguments):
     omega_lr: float = _from_config("omega_lr")
     plus: bool = _from_config("plus")
     reinit: bool = _from_config("reinit")
+
+
+@dataclass
+class WeightLoraArguments(PeerArguments, _MethodArguments):  # dataclass fields: the method's first, then the peers'
+    """The adapter method and WeightLoRA's knobs as command-line flags: every knob is a `WeightLoraConfig` field of
+    the same name, with its default and help (LoRA's r/alpha/dropout/targets come from `trl.ModelConfig`'s
+    `--lora_*` flags), then the peers' own (`peers.PeerArguments`)."""
 
 
 def build_peft_config(args: WeightLoraArguments, max_steps: int | None = None, **lora_fields) -> LoraConfig:

@@ -12,6 +12,11 @@ rows, shuffled per seed), steps, batch, learning rate and seed; only the adapter
   random                K = n/2 random adapters kept after T steps, rank r (the paper's RLoRA ablation)
   weightlora_keep       WeightLoRA with reinit=False: the warm-up's adapters are kept, omega folded into B
   weightlora_plus_keep  WeightLoRA+ with reinit=False
+  adalora, eva          stock PEFT's adaptive-rank peers at WeightLoRA's budget (AdaLoRA init_r = r pruned to an
+                        average rank r/2; EVA rank r/2 per module, rho = 2: k*n*r ranks in all, as WeightLoRA keeps;
+                        `wlora_trl.recipes.peers` explains the matching). Not in the committed 24 runs yet:
+                        `python benchmarks/quality.py --peers` trains their 6 runs (about 70 minutes, estimated
+                        from the other arms' 11 minutes a run; not measured) and re-renders.
 Sweeps on the first seed (the knobs the paper does not fix for causal LMs): K in {0.25, 0.5, 0.75}, T for both
 `weightlora` and `weightlora_keep`, and omega_lr in {10, 100, 1000}.
 
@@ -19,6 +24,7 @@ Reported: held-out loss on the answers of the first --heldout_samples GSM8K test
 mean and spread over seeds, the paired per-seed difference to LoRA (same seed, same data order) with its spread,
 trainable parameters after the switch, wall time per run, and the kept-set Jaccard similarity across seeds.
 
+The driver engine (records, resume, STOP file, --no_train) is `benchmarks/study.py`, shared with `benchmarks/glue.py`.
 Resumable across machines: every finished run writes a small record (argv, metrics, kept set, times; no weights) to
 benchmarks/results/quality_runs/<run>.json, meant to be committed; a run whose record is there with the same
 settings is not trained again. A study that does not finish in one sitting continues later from the repository.
@@ -28,18 +34,24 @@ Results: benchmarks/results/quality.json, quality.md (the README's tables) and q
 from __future__ import annotations
 
 import argparse
-import datetime
-import itertools
 import json
-import math
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmarks.study import (  # noqa: E402  (after the path line: run as a script, the repo is not on sys.path)
+    Study,
+    add_study_arguments,
+    finish_arguments,
+    jaccard,
+    result_header,
+    spread,
+    trainable_parameters,
+    write_result,
+)
 
 ARMS = {
     "lora": ["--method", "lora"],
@@ -48,7 +60,11 @@ ARMS = {
     "random": ["--method", "random"],
     "weightlora_keep": ["--method", "weightlora", "--reinit", "false"],
     "weightlora_plus_keep": ["--method", "weightlora", "--plus", "true", "--reinit", "false"],
+    "adalora": ["--method", "adalora"],
+    "eva": ["--method", "eva"],
 }
+PEER_ARMS = ("adalora", "eva")
+COMMITTED_ARMS = tuple(name for name in ARMS if name not in PEER_ARMS)  # the study as committed (24 runs)
 RUNS_DIR = REPO / "benchmarks" / "results" / "quality_runs"
 
 
@@ -64,74 +80,37 @@ def study_argv(args) -> list[str]:
     ]  # fmt: skip
 
 
-def run(name: str, seed: int, flags: list[str], args) -> dict | None:
-    """One SFT run through the recipe, or its committed record if one with the same settings exists (with
-    --no_train: the record or None)."""
+def train_run(name: str, seed: int, argv: list[str], output_dir: Path) -> dict:
+    """One SFT run through the recipe; the record's fields (`study.Study` adds name, seed, argv, date, machine)."""
     from wlora_trl.recipes.sft import main as sft_main
     from wlora_trl.recipes.sft import make_parser
     from wlora_trl.state import SELECTION_FILE, read_selection
 
-    argv = [*study_argv(args), "--seed", str(seed), "--data_seed", str(seed), *flags]
-    record_path = Path(args.runs_dir) / f"{name}_seed{seed}.json"
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if record["argv"] == argv:
-            return record
-        if args.no_train:
-            return None
-        print(f"{record_path.name}: settings changed since it was recorded; training again")
-    if args.no_train:
-        return None
-    if Path(args.stop_file).exists():
-        # Checked only between runs, so stopping never wastes a half-trained run (nor its wall time record).
-        print(f"{args.stop_file} exists: stopping before {name}, seed {seed}; rerun to continue")
-        raise SystemExit(0)
-    output_dir = Path(args.work_dir) / f"{name}_seed{seed}"
-    print(f"\n=== {name}, seed {seed}", flush=True)
     script_args, training_args, model_args = make_parser().parse_args_and_config(
         args=["--output_dir", str(output_dir), *argv]
     )
     start = time.perf_counter()
     summary = sft_main(script_args, training_args, model_args)
     selection = read_selection(output_dir) if (output_dir / SELECTION_FILE).exists() else None
-    record = {
-        "name": name,
-        "seed": seed,
-        "argv": argv,
+    peer = summary.get("peer")  # AdaLoRA / EVA: the modules they end with a rank > 0
+    fields = {
         "heldout_loss": summary["after"]["heldout_loss"],
         "heldout_token_accuracy": summary["after"].get("heldout_token_accuracy"),
         "train_loss": summary["train_loss"],
-        "kept": sorted(selection.kept_modules) if selection else None,
+        "kept": sorted(selection.kept_modules) if selection else (peer["kept_modules"] if peer else None),
         "omega_steps": selection.omega_steps if selection else None,
         "trainable_parameters": trainable_parameters(output_dir),
         "seconds": {"run": time.perf_counter() - start, "train": summary["timings_s"]["train"]},
         "bf16": bool(training_args.bf16),
         "adapter_dir": str(output_dir),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
     }
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    if peer:
+        fields["peer"] = peer
+    return fields
 
 
-def trainable_parameters(adapter_dir: Path) -> int:
-    """Parameters in the saved adapter: what trains after the switch."""
-    from safetensors import safe_open
-
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
-
-
-def machine() -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": __import__("os").cpu_count(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }
+def run_argv(seed: int, flags: list[str], args) -> list[str]:
+    return [*study_argv(args), "--seed", str(seed), "--data_seed", str(seed), *flags]
 
 
 def exact_match(adapter_dirs: list[str], args) -> dict[str, float]:
@@ -149,20 +128,6 @@ def exact_match(adapter_dirs: list[str], args) -> dict[str, float]:
             "gsm8k"
         ]["exact_match (strict-match)"]["value"]
         for model in results["models"]
-    }
-
-
-def jaccard(sets: list[list[str] | None]) -> float | None:
-    if len(sets) < 2 or any(s is None for s in sets):
-        return None
-    return statistics.mean(len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in itertools.combinations(sets, 2))
-
-
-def spread(values: list[float]) -> dict:
-    return {
-        "mean": statistics.mean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
     }
 
 
@@ -261,7 +226,11 @@ def sweep_points(args) -> dict[str, dict[str, tuple[str, list[str]]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=list(COMMITTED_ARMS), choices=list(ARMS))
+    parser.add_argument(
+        "--peers", action="store_true",
+        help="add the adalora and eva arms (stock PEFT at WeightLoRA's budget) to --arms",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument(
@@ -280,47 +249,29 @@ def main() -> None:
     )
     parser.add_argument("--heldout_samples", type=int, default=200, help="the first N GSM8K test answers")
     parser.add_argument("--em_limit", type=int, default=0, help="also GSM8K exact match on N questions (lm-eval)")
-    parser.add_argument(
-        "--no_train", action="store_true",
-        help="train nothing: print the tables of the runs recorded so far and the runs still to go",
-    )  # fmt: skip
-    parser.add_argument("--runs_dir", default=str(RUNS_DIR), help="where finished runs' records are kept (commit them)")
-    parser.add_argument("--work_dir", default="outputs/quality", help="adapters (not committed)")
-    parser.add_argument(
-        "--stop_file", default=None,
-        help="create this file to stop the study after the run in progress (records so far are kept); "
-        "default: STOP in --work_dir",
-    )  # fmt: skip
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "quality.json"))
-    args = parser.parse_args()
-    args.stop_file = args.stop_file or str(Path(args.work_dir) / "STOP")
+    add_study_arguments(parser, RUNS_DIR, "outputs/quality", REPO / "benchmarks" / "results" / "quality.json")
+    args = finish_arguments(parser.parse_args())
+    if args.peers:
+        args.arms = list(dict.fromkeys([*args.arms, *PEER_ARMS]))
     if "lora" not in args.arms:
         parser.error("every comparison is paired with LoRA: keep lora in --arms")
 
-    started = time.perf_counter()
+    study = Study(args, train_run)
     # Seed-major order: a sitting that stops early still leaves complete, paired seeds behind.
     runs: dict[str, list[dict]] = {name: [] for name in args.arms}
-    missing, done = [], set()
     for seed in args.seeds:
         for name in args.arms:
-            record = run(name, seed, ARMS[name], args)
+            record = study.run(name, seed, run_argv(seed, ARMS[name], args))
             if record:
                 runs[name].append(record)
-                done.add(f"{name}_seed{seed}")
-            else:
-                missing.append(f"{name}_seed{seed}")
     seed = args.seeds[0]
     lora_seed0 = next((r for r in runs["lora"] if r["seed"] == seed), None)
     sweeps = {}
     for knob, points in sweep_points(args).items():
         sweeps[knob] = {}
         for label, (name, flags) in points.items():
-            record = run(name, seed, flags, args)
-            if record is None:
-                missing.append(f"{name}_seed{seed}")
-                continue
-            done.add(f"{name}_seed{seed}")
-            if lora_seed0 is None:
+            record = study.run(name, seed, run_argv(seed, flags, args))
+            if record is None or lora_seed0 is None:
                 continue
             sweeps[knob][label] = {
                 "run": name, "heldout_loss": record["heldout_loss"],
@@ -334,25 +285,15 @@ def main() -> None:
         partial = {"summary": summary, "sweeps": sweeps, "settings": {"heldout_samples": args.heldout_samples,
                                                                       "seeds": args.seeds}}  # fmt: skip
         print(markdown(partial))
-        to_go = list(dict.fromkeys(missing))
-        print(f"{len(done)} runs recorded; {len(to_go)} to go: {', '.join(to_go)}")
+        print(study.progress())
         return
     if args.em_limit:
         scores = exact_match([r["adapter_dir"] for name in runs for r in runs[name]], args)
         for name in runs:
             summary[name]["exact_match"] = spread([scores[str(Path(r["adapter_dir"]).resolve())] for r in runs[name]])
 
-    import peft
-    import torch
-    import transformers
-    import trl
-
     result = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": {m.__name__: m.__version__ for m in (torch, transformers, peft, trl)},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("work_dir", "output", "runs_dir")},
+        **result_header(args),
         "summary": summary,
         "sweeps": sweeps,
         "runs": {
@@ -364,19 +305,16 @@ def main() -> None:
         },  # fmt: skip
         "total_run_minutes": sum(r["seconds"]["run"] for rs in runs.values() for r in rs) / 60
         + sum(
-            json.loads((Path(args.runs_dir) / f"{p['run']}_seed{seed}.json").read_text())["seconds"]["run"]
+            json.loads(study.record_path(p["run"], seed).read_text())["seconds"]["run"]
             for points in sweeps.values()
             for p in points.values()
             if p["run"] not in ARMS
         )
         / 60,  # fmt: skip
-        "wall_minutes_this_sitting": (time.perf_counter() - started) / 60,
+        "wall_minutes_this_sitting": study.sitting_minutes(),
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(result))
-    plot(result, output.with_suffix(".png"))
+    write_result(output, result, markdown(result), plot)
     print("\n" + markdown(result))
     print(f"wrote {output} and its .md and .png; {result['total_run_minutes']:.0f} min of runs in all")
 

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from wlora_trl import WeightLoraConfig
 from wlora_trl._offline.data import resolve_data_dir
 from wlora_trl._offline.models import MissingModelPackageError, smollm2_path
-from wlora_trl.recipes import classify_boolq, common, sft
+from wlora_trl.recipes import classify, classify_boolq, common, sft
 from wlora_trl.recipes.tasks import DataFormatError
 from wlora_trl.state import read_selection
 
@@ -251,7 +251,7 @@ def no_training(monkeypatch):
         raise AssertionError("the trainer was built: the error should have come first")
 
     monkeypatch.setattr(sft, "WeightLoraSFTTrainer", refuse)
-    monkeypatch.setattr(classify_boolq, "WeightLoraTrainer", refuse)
+    monkeypatch.setattr(classify, "WeightLoraTrainer", refuse)  # classify_boolq is classify with BoolQ's defaults
 
 
 def test_sft_missing_data_folder(tmp_path, no_training):
@@ -373,7 +373,7 @@ def test_classify_boolq_malformed_row(tmp_path, no_training):
 # --- the example files themselves -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["examples/sft_gsm8k.py", "examples/classify_boolq.py"])
+@pytest.mark.parametrize("script", ["examples/sft_gsm8k.py", "examples/classify_boolq.py", "examples/classify_glue.py"])
 def test_example_scripts_run_and_show_flags(script):
     """The thin wrappers import the package and expose the recipe's parser (`--help` exits 0 and lists our flags)."""
     result = subprocess.run(

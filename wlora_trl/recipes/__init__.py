@@ -2,7 +2,10 @@
 `--config`) and `main(...) -> dict`, and runs with `python -m wlora_trl.recipes.<name>` or through the thin wrappers
 in `examples/`.
 
-- `sft`: causal-LM SFT on GSM8K with WeightLoRA / WeightLoRA+ / random selection / plain LoRA, with a before/after
-  evaluation and the selection heatmap.
-- `classify_boolq`: sequence classification on BoolQ with an encoder (the paper's NLU setting in miniature).
+- `sft`: causal-LM SFT on GSM8K with WeightLoRA / WeightLoRA+ / random selection / plain LoRA / AdaLoRA / EVA, with a
+  before/after evaluation and the selection heatmap.
+- `classify`: GLUE-style sequence classification / regression with an encoder (SST-2, MRPC, CoLA, RTE, BoolQ, or any
+  dataset with one or two text columns), every method side by side, the task's official GLUE metric before/after.
+- `classify_boolq`: `classify` with `--task boolq` and the BoolQ recipe's original defaults.
+- `peers`: AdaLoRA and EVA (stock PEFT) at WeightLoRA's budget, for both recipes' `--method adalora|eva`.
 """

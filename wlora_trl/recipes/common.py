@@ -21,9 +21,10 @@ from ..distributed import keep_fsdp2_outputs_in_full_precision
 from ..plotting import HEATMAP_FILE
 from ..state import SELECTION_FILE, kept_by_projection
 from .cpu_threads import use_the_cpu_cores
+from .peers import PEER_METHODS, PeerArguments, check_peer_flags, peer_config
 from .quick_eval import results_table, write_results
 
-METHODS = ("weightlora", "random", "lora")
+METHODS = ("weightlora", "random", "lora", *PEER_METHODS)
 logger = logging.getLogger(__name__)
 
 
@@ -56,17 +57,15 @@ def config_number(value: str | int | float, name: str) -> int | float:
 
 
 @dataclass
-class WeightLoraArguments:
-    """The adapter method and WeightLoRA's knobs as command-line flags: every knob is a `WeightLoraConfig` field of
-    the same name, with its default and help (LoRA's r/alpha/dropout/targets come from `trl.ModelConfig`'s
-    `--lora_*` flags)."""
-
-    method: Literal["weightlora", "random", "lora"] = field(
+class _MethodArguments:
+    method: Literal["weightlora", "random", "lora", "adalora", "eva"] = field(
         default="weightlora",
         metadata={
             "help": "'weightlora': the paper's method (omega trained by StoIHT for T steps, then K adapters kept). "
             "'random': K random adapters kept after T steps (the paper's RLoRA ablation; WeightLoraConfig's "
-            "selection='random'). 'lora': plain LoRA on every target module, the baseline (stock trainer)."
+            "selection='random'). 'lora': plain LoRA on every target module, the baseline (stock trainer). "
+            "'adalora' / 'eva': stock PEFT's AdaLoRA and EVA at WeightLoRA's budget, k * LoRA's ranks (stock "
+            "trainer; wlora_trl.recipes.peers says how the budgets are matched)."
         },
     )
     k: str = _from_config("k", " On the command line: '--k 3' keeps 3, '--k 0.5' half, '--k 1.0' all.", as_text=True)
@@ -76,11 +75,22 @@ class WeightLoraArguments:
     reinit: bool = _from_config("reinit")
 
 
-def build_peft_config(args: WeightLoraArguments, **lora_fields) -> LoraConfig:
-    """`WeightLoraConfig` for 'weightlora' / 'random', a stock `LoraConfig` for the 'lora' baseline; `lora_fields`
-    (r, lora_alpha, target_modules, task_type, ...) are shared, so the baseline differs only in the selection."""
+@dataclass
+class WeightLoraArguments(PeerArguments, _MethodArguments):  # dataclass fields: the method's first, then the peers'
+    """The adapter method and WeightLoRA's knobs as command-line flags: every knob is a `WeightLoraConfig` field of
+    the same name, with its default and help (LoRA's r/alpha/dropout/targets come from `trl.ModelConfig`'s
+    `--lora_*` flags), then the peers' own (`peers.PeerArguments`)."""
+
+
+def build_peft_config(args: WeightLoraArguments, max_steps: int | None = None, **lora_fields) -> LoraConfig:
+    """`WeightLoraConfig` for 'weightlora' / 'random', a stock `LoraConfig` for the 'lora' baseline, AdaLoRA's or
+    EVA's config for the peers (at WeightLoRA's budget; AdaLoRA needs the run's `max_steps`); `lora_fields` (r,
+    lora_alpha, target_modules, task_type, ...) are shared, so the methods differ only in how they spend the ranks."""
     if args.method not in METHODS:
         raise ValueError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}.")
+    if args.method in PEER_METHODS:
+        check_peer_flags(args)
+        return peer_config(args, max_steps, **lora_fields)
     if args.method == "lora":
         if args.plus:
             raise ValueError("--plus is WeightLoRA+; it has no meaning with --method lora. Drop one of them.")
@@ -192,6 +202,40 @@ def write_summary(trainer, output_dir: str, summary: dict, results: dict, metric
     trainer.accelerator.print(f"\n{title}\n\n{table}\n")
     saved = ", ".join(os.path.basename(path) for path in summary["files"].values())
     trainer.accelerator.print(f"Saved to {output_dir}: {saved} (+ adapter_config.json). {closing}")
+
+
+class TrainableParameterCount(TrainerCallback):
+    """The trainable parameters of the model as training starts, the most at any step, and as it ends (methods
+    differ: WeightLoRA trains every adapter for T steps and far fewer after, AdaLoRA its init_r triplets
+    throughout, masked)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    @staticmethod
+    def _count(model) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.counts = {"start": self._count(model)}
+        self.counts["peak"] = self.counts["start"]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.counts["peak"] = max(self.counts["peak"], self._count(model))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.counts["end"] = self._count(model)
+
+
+def peak_rss_mib() -> float | None:
+    """The most resident memory this process has held so far, in MiB (Linux and macOS; None elsewhere). It is the
+    whole process: Python, torch, the model, the data; one run per process makes it that run's peak."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:

@@ -22,8 +22,11 @@ What it does, in order:
    falls on the answer only.
 3. Trains with `WeightLoraSFTTrainer` (`--method weightlora`, default; `--plus` for WeightLoRA+;
    `--method random` for random selection) or trl's stock `SFTTrainer` with a `LoraConfig` (`--method lora`, the
-   baseline), adapters on all linear projections (`all-linear`: q, k, v, o, gate, up, down) unless
-   `--lora_target_modules` says otherwise. K = n/2 and T = 0.5% of the steps (at least 5) by default.
+   baseline) or stock PEFT's peers at WeightLoRA's budget (`--method adalora`: AdaLoRA with its per-step rank
+   allocation, init_r = r pruned to k*r; `--method eva`: EVA's data-driven initialisation at rank k*r, rho = 1/k;
+   `wlora_trl.recipes.peers` says how the budgets are matched), adapters on all linear projections (`all-linear`:
+   q, k, v, o, gate, up, down) unless `--lora_target_modules` says otherwise. K = n/2 and T = 0.5% of the steps (at
+   least 5) by default.
 4. Saves the stock PEFT adapter, `selection.json` and `selection_heatmap.png` (layers x projections, final omega,
    kept adapters outlined) into `--output_dir`.
 5. Evaluates before and after training: held-out loss on the answers of the first `--heldout_loss_samples` test
@@ -59,7 +62,7 @@ from .._offline.hub import hub_offline
 from .._offline.models import SMOLLM2_LOCAL, resolve_model
 from ..portable import TARGETS_FILE
 from ..trainer import WeightLoraSFTTrainer
-from . import common
+from . import common, peers
 from .quick_eval import greedy_generate_across_processes
 from .tasks import gsm8k
 
@@ -218,7 +221,8 @@ def evaluate(trainer, questions: list[gsm8k.GSM8KExample], script_args: SFTScrip
     """Held-out loss (the trainer's eval set) and greedy exact match on `questions`, for the current model."""
     metrics: dict = {}
     if trainer.eval_dataset is not None:
-        scores = trainer.evaluate()
+        with peers.task_loss_only(trainer.model):  # AdaLoRA's regulariser is no part of the held-out loss
+            scores = trainer.evaluate()
         metrics["heldout_loss"] = scores["eval_loss"]
         metrics["heldout_token_accuracy"] = scores.get("eval_mean_token_accuracy")
     if questions:
@@ -245,9 +249,14 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     start = time.perf_counter()
 
     # 1. Everything that can fail fast, before the model is loaded or anything is tokenized.
-    if script_args.select_only and script_args.method == "lora":
-        raise ValueError("--select_only runs WeightLoRA's selection; --method lora has none. Use weightlora or random.")
-    peft_config = common.build_peft_config(script_args, **common.lora_kwargs(model_args))
+    if script_args.select_only and script_args.method not in ("weightlora", "random"):
+        raise ValueError(
+            f"--select_only runs WeightLoRA's selection; --method {script_args.method} has none. Use weightlora or "
+            "random."
+        )
+    peft_config = common.build_peft_config(
+        script_args, max_steps=training_args.max_steps, **common.lora_kwargs(model_args)
+    )
     model_path = resolve_model(model_args.model_name_or_path or SMOLLM2_LOCAL)
     data_source = dict(
         data_dir=script_args.data_dir,
@@ -265,7 +274,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     # 2. The trainer loads the model (quantized when asked) and wraps it with the adapters.
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
     heldout = test_examples[: script_args.heldout_loss_samples]
-    trainer_class = SFTTrainer if script_args.method == "lora" else WeightLoraSFTTrainer
+    stock = script_args.method not in ("weightlora", "random")  # LoRA and the peers train with stock TRL
+    trainer_class = SFTTrainer if stock else WeightLoraSFTTrainer
     trainer = trainer_class(
         model=model_path,
         args=training_args,
@@ -283,6 +293,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         )
     common.record_public_base(trainer, model_args.model_name_or_path or SMOLLM2_LOCAL)
     common.prepare_for_fsdp2(trainer)
+    tick = time.perf_counter()
+    peer = peers.prepare(trainer, script_args.method) if script_args.method in peers.PEER_METHODS else None
+    timings["adapters"] = time.perf_counter() - tick  # EVA's SVD initialisation, when it runs
     questions = test_examples[: script_args.exact_match_samples]
     timings["setup"] = time.perf_counter() - start
 
@@ -309,6 +322,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         "files": {"adapter": os.path.join(output_dir, "adapter_model.safetensors")},
     }
     common.record_selection(trainer, output_dir, summary)
+    if peer is not None:
+        summary["peer"] = peer.summary(trainer.model)
+        summary.update(kept_adapters=len(summary["peer"]["kept_modules"]), total_adapters=len(peer.targets))
 
     tick = time.perf_counter()
     results["after"] = evaluate(trainer, questions, script_args)

@@ -605,6 +605,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # pyplot keeps every figure open until closed: a long-lived process (the tests) would pile them up
 
 
 # --- the command --------------------------------------------------------------------------------------------------

@@ -201,6 +201,7 @@ def plot(result: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def sweep_points(args) -> dict[str, dict[str, tuple[str, list[str]]]]:

@@ -6,8 +6,8 @@ Checked: under ZeRO-3 (parameters really partitioned: persistence threshold 0) a
 adapters one process selects with the same global batch, with omega, per-step losses, the trained adapter and the
 logits within 1e-5 (observed <= 3e-6), although each rank builds its base from another seed (DeepSpeed's broadcast
 makes them rank 0's); the dropped adapters' working copies, fp32 masters and Adam moments, which ZeRO cannot forget,
-are exactly zero at the end; checkpoints (DeepSpeed's files plus selection.json) before and after T resume the run
-bit for bit; the saved adapters (not the 40-byte empty file of ZeRO-3 + PEFT) reload with stock PEFT, in a process
+are exactly zero at the end; checkpoints (DeepSpeed's files plus selection.json) before, at and after T resume the
+run bit for bit; the saved adapters (not the 40-byte empty file of ZeRO-3 + PEFT) reload with stock PEFT, in a process
 that never imports wlora_trl, to the trained model's logits; WeightLoRA+ with the SFTTrainer loading its base
 partitioned (zero3_init_flag), and select_adapters() after it, under the packaged zero3.yaml; bf16 (a bf16 base
 loaded partitioned, fp32 masters) keeps the fp32 run's selection. Unsupported DeepSpeed setups are refused at
@@ -17,6 +17,7 @@ construction.
 import gc
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -89,8 +90,8 @@ def runs(tmp_path_factory, base_dirs):
 
     def run(name):
         if name not in done:
-            if name == "resumed":  # both checkpoints of the ZeRO-3 run, one after the other in one launch
-                checkpoints = [str(run("zero3")[1] / "run" / f"checkpoint-{step}") for step in (2, 6)]
+            if name == "resumed":  # three checkpoints of the ZeRO-3 run, one after the other in one launch
+                checkpoints = [str(run("zero3")[1] / "run" / f"checkpoint-{step}") for step in (2, 4, 6)]
                 flags, kwargs = ("--zero_stage", "3", "--resume", *checkpoints), {"launcher": "deepspeed"}
             else:
                 flags, kwargs = plans[name]
@@ -111,6 +112,9 @@ def test_zero_trainer_selects_and_trains_as_one_process(runs, name, stage):
     if stage == 3:
         assert rank0["partitioned_parameters"] > 0  # the switch wrote partitioned parameters, not whole ones
         assert not rank0["partitioned_at_load"]  # built whole, partitioned by deepspeed.initialize
+        # ZeRO-3 had made every lora_A an external parameter of its layer (PEFT's forward reads its dtype); the
+        # switch took the dropped ones back, so they are never gathered again.
+        assert rank0["external_parameters"] >= 7 and rank0["dropped_external"] == 0
     assert rank0["switched"] and rank0["global_step"] == MAX_STEPS and rank0["omega_steps"]["taken"] == 3
     # The ranks agree exactly on the selection and on what they compute.
     assert rank0["kept"] == rank1["kept"] and len(rank0["kept"]) == 7
@@ -132,7 +136,7 @@ def test_zero_trainer_selects_and_trains_as_one_process(runs, name, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint_step", [2, 6], ids=["before T", "after T"])
+@pytest.mark.parametrize("checkpoint_step", [2, 4, 6], ids=["before T", "at T", "after T"])
 def test_zero3_checkpoints_on_either_side_of_the_switch_resume_the_same_run(runs, checkpoint_step):
     full, full_dir = runs("zero3")
     checkpoint = full_dir / "run" / f"checkpoint-{checkpoint_step}"
@@ -257,3 +261,24 @@ def test_offload_from_an_accelerate_deepspeed_launch_is_refused(tmp_path, monkey
         )  # fmt: skip
     del args
     gc.collect()
+
+
+def test_the_library_internals_the_deepspeed_path_relies_on():
+    """accelerate steps DeepSpeed's optimizer inside the backward (so omega's step follows training_step's backward),
+    and the Trainer loads DeepSpeed's checkpoint and then calls `_load_optimizer_and_scheduler(checkpoint)` (where the
+    selection is replayed), never `_load_from_checkpoint`."""
+    import inspect
+
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+    from transformers import Trainer
+
+    backward = inspect.getsource(DeepSpeedEngineWrapper.backward)
+    assert backward.index("self.engine.backward(") < backward.index("self.engine.step()")
+    prepare = inspect.getsource(Trainer._prepare_for_training)
+    deepspeed_branch = re.search(
+        r"if self\.is_deepspeed_enabled:\s+deepspeed_load_checkpoint\(.*?\)\s+elif", prepare, re.S
+    )
+    assert deepspeed_branch and "_load_from_checkpoint" not in deepspeed_branch.group()
+    assert deepspeed_branch.end() < prepare.index("self._load_optimizer_and_scheduler(resume_from_checkpoint)")
+    assert "not self.is_deepspeed_enabled and not self.is_fsdp_enabled" in inspect.getsource(Trainer.train)
+    assert list(inspect.signature(Trainer._load_optimizer_and_scheduler).parameters) == ["self", "checkpoint"]

@@ -71,6 +71,10 @@ class ParameterAccess:
         """Make `full` the parameter's value, everywhere the engine keeps one (every rank passes the same `full`)."""
         write_full(parameter, full)
 
+    def switched_off(self, layer: nn.Module, parameters: list[nn.Parameter]) -> None:
+        """A dropped adapter's layer no longer uses `parameters`: an engine that gathers a module's parameters
+        before it runs can stop gathering these (FSDP2 gathers the whole decoder layer regardless: nothing to do)."""
+
     def edit_optimizer(self, optimizer: torch.optim.Optimizer, replacements: dict[int, list[nn.Parameter]]) -> None:
         """After the switch: the optimizer forgets the parameters mapped to [] (dropped) and starts those mapped to
         themselves afresh (re-initialised in place), as `surgery.retarget_optimizer` describes."""
@@ -110,6 +114,7 @@ def mask_adapter(layer: LoraLayer, adapter_name: str, access: ParameterAccess = 
     for param in params:
         access.write(param, torch.zeros(full_shape(param)))
     layer.enable_adapters(False)  # also sets requires_grad=False on the layer's adapter weights
+    access.switched_off(layer, params)
     return params
 
 

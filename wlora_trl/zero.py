@@ -14,8 +14,10 @@ What ZeRO then does with a dropped adapter (checked with 2 gloo processes, both 
 so it gets no gradient, and ZeRO-3 uses zeros for the gradient of a parameter with requires_grad False (one still
 marked trainable would keep its last gradient in ZeRO-3's buffer and drift); with zero weights, zero moments and
 decoupled weight decay, Adam keeps it at zero. So a dropped adapter still costs its partitioned memory (working copy,
-master, moments) and its share of the optimizer's elementwise step, but no compute and no communication: its module
-never runs, so ZeRO-3 never gathers it (`benchmarks/deepspeed_cost.py` measures this).
+master, moments) and its share of the optimizer's elementwise step, but no compute and, with its layer's external
+parameter registration undone (`switched_off`), no gathering: its module never runs. Except under ZeRO-3's default
+`stage3_param_persistence_threshold`, below which every LoRA matrix of usual sizes falls: such parameters stay whole on
+every rank and are all-gathered after every optimizer step, the dropped ones too (`benchmarks/deepspeed_cost.py`).
 
 Adam's step count lives in the state of a flat fp32 partition (one per parameter group), not per parameter, so ZeRO
 cannot give a re-initialised adapter the fresh count of the one-process switch (new parameters, new state). When
@@ -24,6 +26,20 @@ state is reset, count included: exactly the one-process run. The trainers keep t
 their own for that (`separate_adapter_groups`); a group shared with other trained parameters (a DeepSpeed-config
 optimizer with `modules_to_save`) keeps its count, and the kept adapters' first steps are then smaller (Adam's bias
 correction), with a warning.
+
+A custom loop does what the trainers do (`benchmarks/deepspeed_cost.py` runs this):
+
+    weight_lora = WeightLoraModel(model, max_steps=1000, mask_mode=True)  # before deepspeed.initialize
+    weight_lora.parameter_access = ZeroParameterAccess()
+    optimizer = torch.optim.AdamW(weight_lora.trainable_parameters(), lr=2e-4)  # adapters only: one group
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    for step in range(1, 1001):              # ds_config: ZeRO stage 2 or 3, "zero_allow_untested_optimizer": true
+        engine.backward(engine(**next(batches)).loss)
+        engine.step()
+        weight_lora.omega_step()             # omega's gradient is averaged over the ranks here; no-op after T
+        if step == weight_lora.selection_steps:
+            weight_lora.switch(optimizer)
+    weight_lora.save_adapter("out")          # on every rank: gathers the kept adapters, rank 0 writes
 
 Everything that reads ZeRO's internals (the ZeRO optimizer's parameter groups, flat partitions and ZeRO-3's gradient
 positions) is in the last section of this module.
@@ -145,6 +161,20 @@ class ZeroParameterAccess(ParameterAccess):
         if held_by_zero_optimizer(parameter):
             with _trainable(parameter):
                 safe_set_full_fp32_param(parameter, full.to(torch.float32))
+
+    def switched_off(self, layer: nn.Module, parameters: list[nn.Parameter]) -> None:
+        """ZeRO-3 registers a parameter read outside its own module's forward as an "external parameter" of the
+        module that read it, and gathers it before that module runs from then on. PEFT's LoRA layer reads
+        `lora_A.weight.dtype` in its forward, so during the warm-up every lora_A became an external parameter of
+        its layer, and a dropped adapter's A would still be gathered at every forward and backward of its (still
+        running) layer, unused (measured: `benchmarks/deepspeed_cost.py`). Unregister them."""
+        from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
+
+        for module in layer.modules():
+            external = getattr(module, "_external_params", None) or {}
+            for param in parameters:
+                if id(param) in external:
+                    unregister_external_parameter(module, param)
 
     @torch.no_grad()
     def edit_optimizer(self, optimizer: Any, replacements: Mapping[int, list[nn.Parameter]]) -> None:

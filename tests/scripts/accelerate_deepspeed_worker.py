@@ -82,20 +82,28 @@ def zero_state_of_dropped(trainer) -> dict:
     from wlora_trl.zero import ZeroParameterAccess, _trainable, held_by_zero_optimizer
 
     weight_lora, access = trainer.weight_lora, ZeroParameterAccess()
-    nonzero, held, trainable = [], 0, 0
+    nonzero, held, trainable, external = [], 0, 0, 0
+    registered = {key for module in trainer.model.modules() for key in getattr(module, "_external_params", {})}
     for record in weight_lora.adapters:
         if record.kept:
             continue
         for param in adapter_parameters(weight_lora.base.get_submodule(record.module), weight_lora.adapter_name):
             held += held_by_zero_optimizer(param)
             trainable += param.requires_grad
+            external += id(param) in registered  # ZeRO-3 would gather it before some module's forward
             with _trainable(param):
                 copies = {"master": access.read(param)}  # the fp32 master where ZeRO holds one
                 for key in ("exp_avg", "exp_avg_sq"):
                     copies[key] = safe_get_full_optimizer_state(param, key)
             copies["working"] = _working_copy(param)
             nonzero += [f"{record.module}:{name}" for name, value in copies.items() if bool(value.ne(0).any())]
-    return {"dropped_held_by_zero": held, "dropped_trainable": trainable, "dropped_nonzero": nonzero}
+    return {
+        "dropped_held_by_zero": held,
+        "dropped_trainable": trainable,
+        "dropped_nonzero": nonzero,
+        "dropped_external": external,
+        "external_parameters": len(registered),
+    }
 
 
 def _working_copy(parameter) -> torch.Tensor:

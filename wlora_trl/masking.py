@@ -14,6 +14,13 @@ state pointing at parameters the model no longer has. So in mask mode nothing is
   rows and zero B columns, gets zero gradients there (Adam moves nothing), until the switch brings them to life.
 - the adapter is exported from gathered full tensors of the kept adapters only (`gathered_adapter_state_dict`),
   so the saved adapter is the same stock PEFT adapter a one-process run writes.
+
+How the switch reaches a parameter is the one thing that differs between engines, and it lives in a
+`ParameterAccess`: read a parameter's whole value, write one back, and make the optimizer forget what it held for
+the dropped and re-initialised adapters. `ParameterAccess` itself covers plain tensors (one process, DDP) and FSDP2's
+DTensors (the optimizer holds the very parameters, so it is edited in place: `surgery.retarget_optimizer`);
+`wlora_trl.zero.ZeroParameterAccess` covers DeepSpeed ZeRO, whose parameters are partitioned and whose optimizer
+holds flat fp32 copies of them. Everything above is written once, against that interface.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .surgery import adapter_parameters, alpha_for_rank, rebuild_adapter
+from .surgery import adapter_parameters, alpha_for_rank, rebuild_adapter, retarget_optimizer
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -50,6 +57,33 @@ def write_full(parameter: torch.Tensor, full: torch.Tensor) -> None:
         parameter.copy_(full.to(device=parameter.device, dtype=parameter.dtype))
 
 
+class ParameterAccess:
+    """How mask mode reads and writes whole parameters and edits the optimizer at the switch: plain tensors and
+    FSDP2's DTensors. Reads and writes of sharded parameters are collectives: every rank makes the same calls in the
+    same order (the switch and the export walk the modules in one order on every rank). Subclasses: another engine."""
+
+    def read(self, parameter: torch.Tensor) -> torch.Tensor:
+        """The parameter's whole current value (all-gathered for a DTensor). Treat it as read-only: for a plain
+        tensor it is the parameter's own storage."""
+        return full_tensor(parameter.detach())
+
+    def write(self, parameter: torch.Tensor, full: torch.Tensor) -> None:
+        """Make `full` the parameter's value, everywhere the engine keeps one (every rank passes the same `full`)."""
+        write_full(parameter, full)
+
+    def switched_off(self, layer: nn.Module, parameters: list[nn.Parameter]) -> None:
+        """A dropped adapter's layer no longer uses `parameters`: an engine that gathers a module's parameters
+        before it runs can stop gathering these (FSDP2 gathers the whole decoder layer regardless: nothing to do)."""
+
+    def edit_optimizer(self, optimizer: torch.optim.Optimizer, replacements: dict[int, list[nn.Parameter]]) -> None:
+        """After the switch: the optimizer forgets the parameters mapped to [] (dropped) and starts those mapped to
+        themselves afresh (re-initialised in place), as `surgery.retarget_optimizer` describes."""
+        retarget_optimizer(optimizer, replacements)
+
+
+PLAIN_ACCESS = ParameterAccess()
+
+
 def lora_init_a(rank: int, in_features: int, init_lora_weights: bool | str) -> torch.Tensor:
     """A fresh `lora_A` weight, drawn from the default CPU generator as PEFT's `reset_lora_parameters` draws it."""
     weight = torch.empty(rank, in_features)
@@ -73,35 +107,49 @@ def preallocate_double_rank(layer: LoraLayer, adapter_name: str, config) -> None
 
 
 @torch.no_grad()
-def mask_adapter(layer: LoraLayer, adapter_name: str) -> list[nn.Parameter]:
+def mask_adapter(layer: LoraLayer, adapter_name: str, access: ParameterAccess = PLAIN_ACCESS) -> list[nn.Parameter]:
     """Switch a dropped adapter off in place: zero weights (so re-enabling adapters, as PEFT's `disable_adapter()`
     context does on exit, adds nothing and trains nothing), frozen, and its layer computing the base layer only."""
     params = adapter_parameters(layer, adapter_name)
     for param in params:
-        param.zero_()
+        access.write(param, torch.zeros(full_shape(param)))
     layer.enable_adapters(False)  # also sets requires_grad=False on the layer's adapter weights
+    access.switched_off(layer, params)
     return params
 
 
 @torch.no_grad()
 def reinit_in_place(
-    layer: LoraLayer, adapter_name: str, *, warmup_rank: int, reinit: bool, omega: float, init_lora_weights
+    layer: LoraLayer,
+    adapter_name: str,
+    *,
+    warmup_rank: int,
+    reinit: bool,
+    omega: float,
+    init_lora_weights,
+    access: ParameterAccess = PLAIN_ACCESS,
 ) -> list[nn.Parameter]:
     """A kept adapter's post-switch form, in place (same parameters, same shapes): re-initialised (A from the
     current CPU generator, B zero) or, with `reinit=False`, omega folded into B and any extra rank (WeightLoRA+)
     given fresh rows of A, so the function is unchanged. Returns the adapter's parameters."""
     a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    rank, in_features = a.shape
+    rank, in_features = full_shape(a)
     fresh = lora_init_a(rank, in_features, init_lora_weights)
     if reinit:
-        write_full(a, fresh)
-        b.zero_()
+        access.write(a, fresh)
+        access.write(b, torch.zeros(full_shape(b)))
     else:
-        b.mul_(omega)
+        access.write(b, access.read(b).to(device="cpu", dtype=torch.float32) * omega)
         if rank > warmup_rank:
-            kept_rows = full_tensor(a)[:warmup_rank].to(device="cpu", dtype=fresh.dtype)
-            write_full(a, torch.cat([kept_rows, fresh[warmup_rank:]]))
+            kept_rows = access.read(a)[:warmup_rank].to(device="cpu", dtype=fresh.dtype)
+            access.write(a, torch.cat([kept_rows, fresh[warmup_rank:]]))
     return adapter_parameters(layer, adapter_name)
+
+
+def full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape: a DTensor's is its own; a ZeRO-3 partitioned parameter records it as `ds_shape`
+    (its own shape is its local, often empty, storage's)."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -120,14 +168,20 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def gathered_adapter_state_dict(
-    model: nn.Module, modules: dict[str, float | None], adapter_name: str, ranks: dict[str, int]
+    model: nn.Module,
+    modules: dict[str, float | None],
+    adapter_name: str,
+    ranks: dict[str, int],
+    access: ParameterAccess = PLAIN_ACCESS,
 ) -> dict[str, torch.Tensor]:
     """PEFT's adapter file contents (keys as `get_peft_model_state_dict` writes them), from full tensors on the CPU.
 
     `modules` maps each exported module's name (relative to the base model) to the factor its `lora_B` is multiplied
     by (omega during the warm-up; None for 1), `ranks` its rank (a WeightLoRA+ adapter pre-allocated at 2r exports
     its first r during the warm-up). Other modules' adapters are left out; `modules_to_save` copies come along.
-    Under FSDP2 this is a collective (each parameter is all-gathered): call it on every rank.
+    Under FSDP2 and DeepSpeed ZeRO this is a collective (each parameter is gathered): call it on every rank. A
+    gathered tensor of another shape than the parameter's (ZeRO-3's empty local storage, saved as the 40-byte adapter
+    file of a known ZeRO-3 + PEFT failure) is an error here, not a silently empty adapter.
     """
     from peft import get_peft_model_state_dict
 
@@ -135,14 +189,14 @@ def gathered_adapter_state_dict(
     gathered: dict[str, torch.Tensor] = {}
     for key, param in model.named_parameters():
         if "modules_to_save" in key:
-            gathered[key] = full_tensor(param.detach()).cpu().clone()
+            gathered[key] = _gathered(access, key, param)
             continue
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         module = key[len(prefix) :].split(".lora_", 1)[0] if key.startswith(prefix) else None
         if module not in modules:
             continue
-        value = full_tensor(param.detach()).cpu().clone()
+        value = _gathered(access, key, param)
         rank = ranks[module]
         if ".lora_A." in key:
             value = value[:rank]
@@ -151,7 +205,24 @@ def gathered_adapter_state_dict(
             if modules[module] is not None:
                 value = value * modules[module]
         gathered[key] = value.contiguous()
+    missing = sorted(set(modules) - {key[len(prefix) :].split(".lora_", 1)[0] for key in gathered})
+    if missing:
+        raise RuntimeError(
+            f"WeightLoRA: the export found no LoRA weights for {len(missing)} adapted modules (first: {missing[0]}): "
+            "the adapter file would miss them. Please report it with your launch command."
+        )
     return {
         key: value
         for key, value in get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name).items()
     }
+
+
+def _gathered(access: ParameterAccess, key: str, param: torch.Tensor) -> torch.Tensor:
+    value = access.read(param).cpu().clone()
+    if tuple(value.shape) != full_shape(param) or value.numel() == 0:
+        raise RuntimeError(
+            f"WeightLoRA: gathering {key} gave a tensor of shape {tuple(value.shape)}, not the parameter's "
+            f"{full_shape(param)}: the engine did not gather it (a ZeRO-3 partition read as it is?), and the saved "
+            "adapter would be empty. Please report it with your launch command and DeepSpeed config."
+        )
+    return value

@@ -47,8 +47,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .config import WeightLoraConfig
 from .distributed import check_ranks_agree
 from .masking import (
+    PLAIN_ACCESS,
+    ParameterAccess,
     all_reduce_mean,
-    full_tensor,
     gathered_adapter_state_dict,
     is_sharded,
     mask_adapter,
@@ -233,7 +234,12 @@ class WeightLoraModel:
     and WeightLoRA+ adapters are allocated at rank 2r from the start (the extra half held at zero until the
     switch). omega is kept outside the model (FSDP2 neither shards nor reduces it) and its gradient is averaged over
     the processes here. Construct it before the model is sharded; export with `save_adapter`.
+
+    `parameter_access` is how mask mode reads and writes the parameters (`wlora_trl.masking.ParameterAccess`: plain
+    tensors and FSDP2's DTensors); under DeepSpeed ZeRO set it to `wlora_trl.zero.ZeroParameterAccess()`.
     """
+
+    parameter_access: ParameterAccess = PLAIN_ACCESS
 
     def __init__(self, model: PeftModel, max_steps: int | None = None, mask_mode: bool = False) -> None:
         if getattr(model, SWITCHED_MARK, False):
@@ -458,7 +464,8 @@ class WeightLoraModel:
                     # removal (and exported as trained, see `bias_state_dict`), not left training on a plain layer.
                     replacements.update({id(p): [] for p in freeze_adapter_bias(layer, cfg.bias)})
                     if self.mask_mode:
-                        replacements.update({id(p): [] for p in mask_adapter(layer, self.adapter_name)})
+                        dropped = mask_adapter(layer, self.adapter_name, self.parameter_access)
+                        replacements.update({id(p): [] for p in dropped})
                     else:
                         replacements.update({id(p): [] for p in adapter_parameters(layer, self.adapter_name)})
                         drop_adapter(self.base, name, self.adapter_name)
@@ -475,6 +482,7 @@ class WeightLoraModel:
                         reinit=cfg.reinit,
                         omega=factor,
                         init_lora_weights=cfg.init_lora_weights,
+                        access=self.parameter_access,
                     )
                     replacements.update({id(p): [p] for p in params})  # same place in the optimizer, fresh state
                 else:
@@ -493,7 +501,10 @@ class WeightLoraModel:
         self.model.peft_config[self.adapter_name] = stock_lora_config(cfg, list(ranks), ranks, alphas)
         setattr(self.model, SWITCHED_MARK, True)
         if optimizer is not None:
-            retarget_optimizer(optimizer, replacements)
+            if self.mask_mode:
+                self.parameter_access.edit_optimizer(optimizer, replacements)
+            else:
+                retarget_optimizer(optimizer, replacements)
         self.switched = True
         self.adapters = infos
         if announce:
@@ -553,7 +564,8 @@ class WeightLoraModel:
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
             modules, ranks = dict(zip(self.module_names, omega)), self.warmup_ranks
-        return {**gathered_adapter_state_dict(self.model, modules, self.adapter_name, ranks), **self.bias_state_dict()}
+        adapters = gathered_adapter_state_dict(self.model, modules, self.adapter_name, ranks, self.parameter_access)
+        return {**adapters, **self.bias_state_dict()}
 
     def bias_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained biases a stock adapter file must carry (full, on the CPU, PEFT's file keys): with
@@ -577,14 +589,16 @@ class WeightLoraModel:
                     key = f"{prefix}{module}.bias"
             if mode == "lora_only" and module not in adapted:
                 continue
-            state[key] = full_tensor(param.detach()).cpu().clone().contiguous()
+            state[key] = self.parameter_access.read(param).cpu().clone().contiguous()
         return state
 
     def warmup_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter's weights as they are (not folded, full allocated rank), in PEFT's file keys: what resuming
         a warm-up checkpoint loads back. A collective under FSDP2."""
         ranks = {name: int(self.base.get_submodule(name).r[self.adapter_name]) for name in self.module_names}
-        adapters = gathered_adapter_state_dict(self.model, dict.fromkeys(self.module_names), self.adapter_name, ranks)
+        adapters = gathered_adapter_state_dict(
+            self.model, dict.fromkeys(self.module_names), self.adapter_name, ranks, self.parameter_access
+        )
         return {**adapters, **self.bias_state_dict()}
 
     def adapter_config(self) -> LoraConfig:

@@ -22,10 +22,15 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
 - FSDP2 (accelerate's `fsdp_version: 2`, `wlora_trl/cli/accelerate_configs/fsdp2.yaml`): the switch runs in mask mode
   (dropped adapters zeroed and switched off in place, kept ones re-initialised shard by shard), omega lives outside
   the sharded model, and `save_model` gathers only the kept adapters into a stock PEFT adapter.
+- DeepSpeed ZeRO-2 / ZeRO-3 (`deepspeed=` in the arguments, or accelerate's `zero2.yaml` / `zero3.yaml`): the same
+  mask mode, writing ZeRO's partitioned parameters, fp32 masters and Adam moments (`wlora_trl.zero`); omega's step
+  runs after DeepSpeed's own step (which accelerate makes inside the backward). Resuming loads DeepSpeed's
+  checkpoint, replays the selection, and after T loads the checkpoint once more over the replayed switch.
 
-Limits: DeepSpeed and FSDP version 1 are refused, one trained adapter (frozen ones beside it, such as the reference
-copy TRL's DPO and GRPO trainers add, are left alone), plain LoRA on linear layers (no DoRA or other variants),
-`load_best_model_at_end` refused (checkpoints on either side of the switch differ in structure).
+Limits: FSDP version 1, DeepSpeed ZeRO stages 0-1, offload and fp16 are refused, one trained adapter (frozen ones
+beside it, such as the reference copy TRL's DPO and GRPO trainers add, are left alone), plain LoRA on linear layers
+(no DoRA or other variants), `load_best_model_at_end` refused (checkpoints on either side of the switch differ in
+structure).
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ from .export import WARMUP_STATE_FILE, finish_adapter_file, restore_warmup_weigh
 from .model import WeightLoraModel
 from .saving import write_selection_files
 from .state import SelectionReport, kept_per_projection, read_selection
-from .surgery import innermost_optimizer
+from .surgery import adapter_parameters, innermost_optimizer
 from .trackers import log_heatmap_to_trackers
+from .zero import ZeroParameterAccess, check_deepspeed_args, check_deepspeed_plugin, separate_adapter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +82,13 @@ def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
 RESUME_HINT = "Resume from a checkpoint of the same WeightLoRA run (each one holds a selection.json)."
 
 SHARDING_UNSUPPORTED = (
-    "WeightLoRA does not support DeepSpeed or FSDP version 1: they shard the parameters that the switch at step T "
-    "rebuilds, and have no mask mode. Supported: one process, data-parallel (DDP) through `accelerate launch` / "
-    "torchrun, and FSDP2 (`fsdp_version: 2`, the packaged `wlora-trl config-path fsdp2`). Another route for a model "
-    "past one GPU's memory is two-stage: select on one GPU (a 4-bit base works) with `wlora-trl select` or "
+    "WeightLoRA does not support FSDP version 1: it shards the parameters that the switch at step T rebuilds, and "
+    "has no mask mode. Supported: one process, data-parallel (DDP) through `accelerate launch` / torchrun, FSDP2 "
+    "(`fsdp_version: 2`, the packaged `wlora-trl config-path fsdp2`) and DeepSpeed ZeRO-2 / ZeRO-3 (`deepspeed=` in "
+    "the training arguments, or `wlora-trl config-path zero2` / `zero3`). Another route for a model past one GPU's "
+    "memory is two-stage: select on one GPU (a 4-bit base works) with `wlora-trl select` or "
     "`trainer.select_adapters()`, then train `lora_config_from_selection(dir)` with stock TRL under any engine "
-    "(docs/source/distributed.md: 'Past one GPU'). Otherwise remove the deepspeed/fsdp settings."
+    "(docs/source/distributed.md: 'Past one GPU'). Otherwise set fsdp_version: 2 or remove the fsdp settings."
 )
 
 
@@ -96,8 +103,9 @@ def _check_training_args(args: Any) -> None:
     """Refuse setups WeightLoRA does not support, before the parent trainer builds anything."""
     if args is None:
         return
-    if getattr(args, "deepspeed", None) or _fsdp_version(args) not in (None, 2):
+    if _fsdp_version(args) not in (None, 2):
         raise ValueError(SHARDING_UNSUPPORTED)
+    check_deepspeed_args(args)  # ZeRO stage, offload, fp16
     if args.load_best_model_at_end:
         raise ValueError(
             "load_best_model_at_end=True is not supported: checkpoints before and after the switch at step T hold "
@@ -153,8 +161,11 @@ class WeightLoraMixin:
         args = self.args
         _check_training_args(args)  # again: SFTTrainer may have built its own args
         fsdp2 = self.accelerator.is_fsdp2
-        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not fsdp2):  # an accelerate config, not the args
+        deepspeed = self.is_deepspeed_enabled
+        if self.is_fsdp_enabled and not fsdp2:  # an accelerate config, not the args
             raise ValueError(SHARDING_UNSUPPORTED)
+        if deepspeed:
+            check_deepspeed_plugin(self.accelerator.state.deepspeed_plugin)  # the config the engine will run
         if args.n_gpu > 1:
             # Several GPUs in one process: the Trainer would wrap the model in nn.DataParallel, whose replicas
             # share omega's gates across devices (and TRL refuses it too).
@@ -171,8 +182,17 @@ class WeightLoraMixin:
                 "adapters only."
             )
             keep_fsdp2_outputs_in_full_precision(self.accelerator.state.fsdp_plugin)
-        # FSDP2 shards the model per decoder layer, so the switch must keep its structure: mask mode.
-        self.weight_lora = WeightLoraModel(self.model, mask_mode=fsdp2 or self._force_mask_mode)
+        if deepspeed:
+            logger.info(
+                "WeightLoRA under DeepSpeed ZeRO: the switch runs in mask mode (dropped adapters are zeroed, with their "
+                "fp32 masters and Adam moments, and switched off; they keep their partitioned memory), and save_model "
+                "gathers the kept adapters only."
+            )
+        # FSDP2 and ZeRO partition the model's parameters, and ZeRO's optimizer cannot lose one: the switch must keep
+        # the structure, in mask mode.
+        self.weight_lora = WeightLoraModel(self.model, mask_mode=fsdp2 or deepspeed or self._force_mask_mode)
+        if deepspeed:
+            self.weight_lora.parameter_access = ZeroParameterAccess()
         if args.max_steps > 0:
             self.weight_lora.set_max_steps(args.max_steps)  # refuse an impossible T now, not at train()
         self._omega_grad: torch.Tensor | None = None
@@ -195,6 +215,17 @@ class WeightLoraMixin:
                 parameter.requires_grad_(True)
         if self.state.max_steps > 0 and weight_lora.selection_steps is None:
             weight_lora.set_max_steps(self.state.max_steps)
+        if self.is_deepspeed_enabled:
+            # The optimizer DeepSpeed will wrap (omega is not a model parameter in mask mode). ZeRO steps it once per
+            # sub-group, so omega's step cannot hang on it: it runs in training_step. Adapters get parameter groups
+            # of their own, so the switch can start their Adam state afresh exactly (wlora_trl.zero).
+            adapters = [
+                p
+                for name in weight_lora.module_names
+                for p in adapter_parameters(weight_lora.base.get_submodule(name), weight_lora.adapter_name)
+            ]
+            separate_adapter_groups(innermost_optimizer(optimizer), adapters)
+            return optimizer
         if omega:
             inner = innermost_optimizer(optimizer)
             omega_ids = {id(p) for p in omega}
@@ -246,6 +277,12 @@ class WeightLoraMixin:
             # Take omega's gradient before clipping sees it (its step size is omega_lr, not a clipped share of
             # the global norm); the optimizer pre-hook applies it.
             self._omega_grad = self._unscale(weight_lora.take_omega_grad())
+            if self.is_deepspeed_enabled:
+                # accelerate ran DeepSpeed's optimizer step inside the backward, from this step's gradients: omega's
+                # step follows it here, from the same gradients (DeepSpeed neither clips nor scales omega's).
+                grad, self._omega_grad = self._omega_grad, None
+                applied = self.model_wrapped.was_step_applied()
+                weight_lora.omega_step(grad, skip=None if applied else torch.tensor(True))
         return loss
 
     def _run_length(self) -> str | None:
@@ -375,8 +412,10 @@ class WeightLoraMixin:
             self.weight_lora.save_adapter(
                 directory, self.args.should_save, step=self.state.global_step, trainer_tags=tags, padded=padded
             )
-            # Under FSDP2 the Trainer's own FSDP files hold the unfolded weights: gather them again only without it.
-            raw = None if self.weight_lora.switched or self.is_fsdp_enabled else self.weight_lora.warmup_state_dict()
+            # Under FSDP2 and DeepSpeed the engine's own checkpoint files hold the unfolded weights: gather them again
+            # only without one.
+            engine_files = self.is_fsdp_enabled or self.is_deepspeed_enabled
+            raw = None if self.weight_lora.switched or engine_files else self.weight_lora.warmup_state_dict()
             if self.args.should_save:
                 self._save_tokenizer_and_args(directory)
                 if raw is not None:  # the unfolded warm-up weights, for a resume without FSDP's own files
@@ -441,6 +480,24 @@ class WeightLoraMixin:
             # (Under FSDP2 the Trainer's own FSDP files hold the unfolded weights; omega comes from selection.json.)
             restore_warmup_weights(resume_from_checkpoint, weight_lora)
 
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            self._restore_selection_under_deepspeed(checkpoint)
+
+    def _restore_selection_under_deepspeed(self, checkpoint: str) -> None:
+        """Under DeepSpeed the Trainer never calls `_load_from_checkpoint`: it builds the engine from a fresh model
+        (every adapter trainable, as the original run started, so ZeRO's flat partitions match the checkpoint's),
+        loads DeepSpeed's files into it and then comes here. Replay the selection: before T, omega; after T the
+        switch, whose writes (re-initialised adapters, fresh optimizer state) DeepSpeed's files then overwrite,
+        loaded once more."""
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        report = read_selection(checkpoint, hint=RESUME_HINT)
+        self.weight_lora.restore(report, self.optimizer)
+        if self.weight_lora.switched:
+            deepspeed_load_checkpoint(self.model_wrapped, checkpoint, load_module_strict=False)
+
 
 class _SwitchThenStop(TrainerCallback):
     """`select_adapters`: at the end of step T make the switch there (rather than at the start of step T+1, which
@@ -467,10 +524,10 @@ _REFUSALS = """
             that are active, trainable or made from WeightLoraConfigs of their own (a frozen reference copy may
             stay, except under FSDP2); LoRA on parameters (`target_parameters`, e.g. mixture-of-experts experts with
             `all-linear`), on embeddings (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or
-            K > n; T >= `max_steps`; FSDP version 1 or DeepSpeed; `load_best_model_at_end=True`; several GPUs in
-            one process (nn.DataParallel); a model that went through the switch already. (LoRA variants,
-            `lora_bias`, unsupported inits, and `plus=True` with a K other than n/2 are refused by
-            `WeightLoraConfig` itself.)
+            K > n; T >= `max_steps`; FSDP version 1; DeepSpeed ZeRO stage 0 or 1, offload or fp16;
+            `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a model that went
+            through the switch already. (LoRA variants, `lora_bias`, unsupported inits, and `plus=True` with a K
+            other than n/2 are refused by `WeightLoraConfig` itself.)
         RuntimeError: During training: several processes but the model is not wrapped in DDP (first step), or
             ranks that hold different omega at the switch.
 """

@@ -383,6 +383,60 @@ def test_trainer_under_accelerate_fsdp2_switches_in_mask_mode_saves_and_resumes(
         assert bf16["losses"][step] == pytest.approx(loss, abs=0.05), step
 
 
+@pytest.mark.slow  # child processes under accelerate launch
+def test_trainer_under_deepspeed_zero3_switches_in_mask_mode_saves_and_resumes(tmp_path, device):
+    """The packaged zero3.yaml with one process: the Trainer runs under a DeepSpeed ZeRO-3 engine, switches in mask
+    mode (ZeRO keeps the dropped adapters, every copy zero), saves a stock adapter that reloads to the trained logits,
+    resumes DeepSpeed's checkpoints from before and after T to the same losses, and under the config's own bf16 keeps
+    the fp32 selection. Runs on the CPU in the kit's dry run (DeepSpeed's CPU accelerator): the same worker and code
+    path as the CPU suite's 2-process tests."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed here (the `deepspeed` extra)")
+    from wlora_trl.cli.launch import packaged_accelerate_configs
+
+    worker = Path(__file__).parents[1] / "scripts" / "accelerate_deepspeed_worker.py"  # the CPU suite's worker too
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(packaged_accelerate_configs()["zero3"]), "--num_processes", "1", "--mixed_precision", "no", str(worker),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, *flags):
+        done = subprocess.run([*launch, str(out), *flags], capture_output=True, text=True, env=env, timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return out
+
+    full_dir = run(tmp_path / "full", "--batch", "4")
+    full = torch.load(full_dir / "rank0.pt")
+    assert full["deepspeed"] and full["zero_stage"] == 3 and full["engine"] == "DeepSpeedEngine" and full["mask_mode"]
+    assert full["switched"] and len(full["kept"]) == 7 and full["omega_steps"]["taken"] == 3  # steps 2-4
+    trainable = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in full["trainable"]}
+    assert trainable == set(full["kept"])  # dropped adapters frozen; nothing else trains
+    assert full["dropped_held_by_zero"] == 14 and full["dropped_nonzero"] == []  # held by ZeRO, exactly zero
+    assert (full_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 10_000  # not an empty ZeRO-3 save
+    reloaded = PeftModel.from_pretrained(tiny_llama(), full_dir / "adapter").to(device).eval()
+    probe = torch.arange(3, 35).reshape(2, 16).to(device)
+    with torch.no_grad():
+        logits = reloaded(input_ids=probe).logits.float().cpu()
+        with reloaded.disable_adapter():
+            base = reloaded(input_ids=probe).logits.float().cpu()
+    assert (full["logits"] - base).abs().max() > 1e-2  # the adapter's own effect
+    torch.testing.assert_close(logits, full["logits"], rtol=0, atol=1e-4)
+    checkpoints = [str(full_dir / "run" / f"checkpoint-{step}") for step in (2, 6)]  # before and after T = 4
+    resumed_dir = run(tmp_path / "resumed", "--batch", "4", "--resume", *checkpoints)
+    for step in (2, 6):
+        resumed = torch.load(resumed_dir / f"resume-checkpoint-{step}" / "rank0.pt")
+        assert resumed["kept"] == full["kept"] and resumed["steps_run"] == 8 - step
+        for later in range(step + 1, 9):
+            assert resumed["losses"][later] == pytest.approx(full["losses"][later], abs=1e-4), (step, later)
+    # The packaged config's own precision: DeepSpeed's bf16 (bf16 working copies, fp32 masters, the loss in fp32).
+    launch[launch.index("--mixed_precision") + 1] = "bf16"
+    bf16 = torch.load(run(tmp_path / "bf16", "--batch", "4", "--bf16") / "rank0.pt")
+    assert bf16["switched"] and bf16["loss_dtype"] == torch.float32 and bf16["lora_dtypes"] == ["torch.bfloat16"]
+    assert bf16["kept"] == full["kept"] and all(math.isfinite(loss) for loss in bf16["losses"].values())
+    for step, loss in full["losses"].items():
+        assert bf16["losses"][step] == pytest.approx(loss, abs=0.05), step
+
+
 # --- 6. TRL's SFTTrainer on its defaults (bf16 and gradient checkpointing on) -------------------------------------
 
 

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--padded", action="store_true", help="an adapter on every targeted (layer, projection), "
                         "zeros where one was dropped: for TGI / LoRAX (the function is unchanged)")  # fmt: skip
     config = subparsers.add_parser("config-path", help="print the path of a packaged accelerate config")
-    config.add_argument("name", help="single_gpu, multi_gpu, single_gpu_8bit or fsdp2")
+    config.add_argument("name", help="single_gpu, multi_gpu, single_gpu_8bit, fsdp2, zero2 or zero3")
     return parser
 
 

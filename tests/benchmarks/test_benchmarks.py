@@ -63,6 +63,64 @@ def test_fsdp2_cost_benchmark_smoke(tmp_path):
     assert "| masked |" in done.stdout  # the table the benchmarks page shows
 
 
+DEEPSPEED_COST = SPEED.parent / "deepspeed_cost.py"
+
+
+def test_deepspeed_cost_benchmark_smoke(tmp_path):
+    """2 gloo ranks under ZeRO-3, tiny model: the arms run, and the sizes and collectives say what ZeRO keeps of the
+    dropped adapters (everything but their gradients) in both persistence settings."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "deepspeed.json"
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(DEEPSPEED_COST)]
+    flags = ["--model", "tiny", "--rounds", "1", "--seq", "16", "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, *flags], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["machine"]["world_size"] == 2 and result["machine"]["backend"] == "gloo"
+    assert result["adapters"] == {"n": 14, "kept": 7}
+    for setting, block in result["zero3"].items():
+        assert all(len(times) == 1 and min(times) > 0 for times in block["step_seconds"].values())
+        masked, same, lora = (block["sizes"][arm] for arm in ("masked", "lora_same", "lora"))
+        comm = {arm: block["communication_bytes_per_step"][arm] for arm in ("masked", "lora_same", "lora")}
+        # Mask mode trains the kept adapters only: their gradients alone are reduced...
+        assert masked["trainable_parameters"] == same["trainable_parameters"] < lora["trainable_parameters"]
+        assert comm["masked"]["reduce_scatter_tensor"] == comm["lora_same"]["reduce_scatter_tensor"]
+        assert comm["masked"]["reduce_scatter_tensor"] < comm["lora"]["reduce_scatter_tensor"]
+        # ...but ZeRO cannot forget the dropped ones: working copies, fp32 masters and Adam moments stay, as for LoRA.
+        for key in ("lora_working_bytes_per_rank", "master_bytes_per_rank", "optimizer_state_bytes_per_rank"):
+            assert masked[key] == lora[key] > same[key], (setting, key)
+        assert masked["parameters_in_optimizer"] == lora["parameters_in_optimizer"] == 28
+    # DeepSpeed's default persistence keeps LoRA weights whole on every rank and all-gathers every one of them after
+    # each step, the dropped ones too; partitioned (threshold 0), a dropped adapter is never gathered.
+    default, partitioned = result["zero3"]["default"], result["zero3"]["partitioned"]
+    assert default["sizes"]["masked"]["lora_persistent_bytes_per_rank"] > 0
+    assert partitioned["sizes"]["masked"]["lora_persistent_bytes_per_rank"] == 0
+    gathered = {
+        arm: default["communication_bytes_per_step"][arm]["all_gather_into_tensor"] for arm in ("masked", "lora")
+    }
+    assert gathered["masked"] == gathered["lora"]
+    gathered = {
+        arm: partitioned["communication_bytes_per_step"][arm]["all_gather_into_tensor"]
+        for arm in ("masked", "lora_same")
+    }
+    assert gathered["masked"] == gathered["lora_same"]
+    assert "| default (persistence 1e5) | masked |" in done.stdout  # the table
+
+
+def test_the_committed_deepspeed_cost_table_is_its_json():
+    sys.path.insert(0, str(SPEED.parents[1]))
+    from benchmarks.deepspeed_cost import render
+
+    committed = SPEED.parent / "results" / "deepspeed_cost_smollm2-135m-instruct_cpu_x2.json"
+    result = json.loads(committed.read_text())
+    assert result["settings"]["malloc"] == "steady" and result["machine"]["world_size"] == 2
+    table = committed.with_suffix(".md").read_text()
+    assert render(result) in table
+    for setting in ("default", "partitioned"):
+        assert f"{result['zero3'][setting]['ratios_to_lora_same']['masked']:.3f}" in (DEEPSPEED_COST.read_text())
+
+
 QUALITY = SPEED.parent / "quality.py"
 
 

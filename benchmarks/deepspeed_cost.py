@@ -18,9 +18,10 @@ every optimizer step) and 0 (LoRA weights partitioned, gathered only when their 
 never does).
 
 Reported per arm: median step time (after `--untimed_steps` steps, in which ZeRO-3 records its prefetch trace; steps
-interleaved round by round, after a barrier; rank 0's clock) and its ratio to lora_same in the same setting; per rank, the bytes of LoRA working copies (partitions, plus the whole tensor where
-ZeRO-3 keeps it gathered), of fp32 masters and of optimizer state; and the bytes of one step's collectives by kind,
-as DeepSpeed's comms logger counts them (an extra, untimed step with the logger on).
+interleaved round by round, after a barrier; rank 0's clock) and its ratio to lora_same in the same setting; per rank,
+the bytes of LoRA working copies (partitions, plus the whole tensor where ZeRO-3 keeps it gathered), of fp32 masters and
+of optimizer state; and the bytes of one step's collectives by kind, as DeepSpeed's comms logger counts them (an extra,
+untimed step with the logger on).
 
 On a CPU the benchmark fixes glibc's malloc thresholds high, as fsdp2_cost.py does (`--malloc steady`, the default).
 

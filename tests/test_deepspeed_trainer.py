@@ -2,16 +2,16 @@
 accelerator), through both entry points: the `deepspeed` launcher with `TrainingArguments(deepspeed=...)`, and
 `accelerate launch` with the packaged zero2.yaml / zero3.yaml.
 
-Checked: under ZeRO-3 (parameters really partitioned: persistence threshold 0) and ZeRO-2 the trainer selects the
-adapters one process selects with the same global batch, with omega, per-step losses, the trained adapter and the
-logits within 1e-5 (observed <= 3e-6), although each rank builds its base from another seed (DeepSpeed's broadcast
-makes them rank 0's); the dropped adapters' working copies, fp32 masters and Adam moments, which ZeRO cannot forget,
-are exactly zero at the end; checkpoints (DeepSpeed's files plus selection.json) before, at and after T resume the
-run bit for bit; the saved adapters (not the 40-byte empty file of ZeRO-3 + PEFT) reload with stock PEFT, in a process
-that never imports wlora_trl, to the trained model's logits; WeightLoRA+ with the SFTTrainer loading its base
-partitioned (zero3_init_flag), and select_adapters() after it, under the packaged zero3.yaml; bf16 (a bf16 base
-loaded partitioned, fp32 masters) keeps the fp32 run's selection. Unsupported DeepSpeed setups are refused at
-construction.
+Checked: under ZeRO-3 (parameters really partitioned: persistence threshold 0), ZeRO-3 with the optimizer and the
+parameters offloaded to the CPU, and ZeRO-2, the trainer selects the adapters one process selects with the same global
+batch, with omega, per-step losses, the trained adapter and the logits within 1e-5 (observed <= 3e-6), although each
+rank builds its base from another seed (DeepSpeed's broadcast makes them rank 0's); the dropped adapters' working
+copies, fp32 masters and Adam moments, which ZeRO cannot forget, are exactly zero at the end; checkpoints (DeepSpeed's
+files plus selection.json) before, at and after T resume the run bit for bit; the saved adapters (not the 40-byte empty
+file of ZeRO-3 + PEFT) reload with stock PEFT, in a process that never imports wlora_trl, to the trained model's logits;
+WeightLoRA+ with the SFTTrainer loading its base partitioned (zero3_init_flag), and select_adapters() after it, under
+the packaged zero3.yaml; bf16 (a bf16 base loaded partitioned, fp32 masters) keeps the fp32 run's selection. Unsupported
+DeepSpeed setups are refused at construction.
 """
 
 import gc
@@ -84,6 +84,7 @@ def runs(tmp_path_factory, base_dirs):
         "one": (("--batch", "4"), {"launcher": "one"}),
         "zero3": (("--zero_stage", "3"), {"launcher": "deepspeed"}),
         "zero2": ((), {"launcher": "zero2.yaml"}),
+        "zero3_offload": (("--zero_stage", "3", "--offload"), {"launcher": "deepspeed"}),
         "plus_sft": (("--plus", "--sft", "--base", str(base_dirs["fp32"]), "--select_after"), {}),
         "bf16": (("--plus", "--sft", "--bf16", "--base", str(base_dirs["bf16"])), {"precision": "bf16"}),
     }
@@ -103,7 +104,9 @@ def runs(tmp_path_factory, base_dirs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, stage", [("zero3", 3), ("zero2", 2)], ids=["ZeRO-3", "ZeRO-2"])
+@pytest.mark.parametrize(
+    "name, stage", [("zero3", 3), ("zero2", 2), ("zero3_offload", 3)], ids=["ZeRO-3", "ZeRO-2", "ZeRO-3 offload"]
+)
 def test_zero_trainer_selects_and_trains_as_one_process(runs, name, stage):
     (records, _), (single, _) = runs(name), runs("one")
     rank0, rank1, one = records["rank0"], records["rank1"], single["rank0"]
@@ -232,7 +235,10 @@ ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "a
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer.device='cpu'"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}},
+            "offload_optimizer.device='nvme'",
+        ),
         ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload_param.device='nvme'"),
         ({"zero_optimization": {"stage": 1}}, "runs ZeRO stage 2 or 3; this config has zero_optimization.stage=1"),
         ({**ZERO3, "fp16": {"enabled": True}}, "does not support fp16.*Use bf16"),
@@ -247,14 +253,14 @@ def test_unsupported_deepspeed_setups_are_refused_at_construction(tmp_path, conf
     gc.collect()  # TrainingArguments(deepspeed=) registers its config globally (weakly): gone for the next tests
 
 
-def test_offload_from_an_accelerate_deepspeed_launch_is_refused(tmp_path, monkeypatch, tokenizer):
-    """What `accelerate launch --config_file zero3.yaml` with offload_optimizer_device: cpu hands the process."""
+def test_nvme_offload_from_an_accelerate_deepspeed_launch_is_refused(tmp_path, monkeypatch, tokenizer):
+    """What `accelerate launch --config_file zero3.yaml` with offload_optimizer_device: nvme hands the process."""
     for key, value in {"USE_DEEPSPEED": "true", "DEEPSPEED_ZERO_STAGE": "3",
-                       "DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}.items():  # fmt: skip
+                       "DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"}.items():  # fmt: skip
         monkeypatch.setenv(f"ACCELERATE_{key}", value)
     args = sft_args(tmp_path)
     assert args.deepspeed_plugin is not None
-    with pytest.raises(ValueError, match="does not support DeepSpeed offload.*offload_optimizer.device='cpu'.*'none'"):
+    with pytest.raises(ValueError, match="offload to NVMe.*offload_optimizer.device='nvme'.*'cpu' or 'none'"):
         WeightLoraSFTTrainer(
             model=tiny_llama(), args=args, train_dataset=sums_dataset(), processing_class=tokenizer,
             peft_config=WeightLoraConfig(r=4),

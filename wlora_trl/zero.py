@@ -70,9 +70,9 @@ def deepspeed_config_problem(config: Mapping[str, Any] | None, fp16: bool = Fals
 
     - ZeRO stages 0 and 1 are refused: stage 0 keeps the parameters in a plain optimizer (the module-swap switch's
       setting, not ZeRO's), and stage 1 with bf16 uses another optimizer wrapper; neither is what was tested.
-    - Offload (`offload_optimizer`, `offload_param`) is refused: offloaded, ZeRO keeps the master, the moments and
-      the gradient buffers on the CPU along another code path (ZeRO-3 fills the gradients of frozen parameters with
-      zeros only without optimizer offload), which the switch's guarantees were not checked on.
+    - Offload to NVMe is refused (not checked: it swaps the optimizer state through files); offload to the CPU
+      (`offload_optimizer` and `offload_param` with `device: cpu`) was checked with 2 processes: the same run as
+      without it, resumes included.
     - fp16 is refused: the loss scale and the step skipped on an overflow live inside DeepSpeed's optimizer, which
       omega, kept outside the engine, cannot follow. bf16 needs neither.
     """
@@ -88,15 +88,14 @@ def deepspeed_config_problem(config: Mapping[str, Any] | None, fp16: bool = Fals
     offloaded = [
         f"zero_optimization.{key}.device={(zero.get(key) or {}).get('device')!r}"
         for key in ("offload_optimizer", "offload_param")
-        if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")
+        if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "", "cpu")
     ]
     if offloaded:
         return (
-            f"WeightLoRA does not support DeepSpeed offload ({', '.join(offloaded)}): the switch at step T edits the "
-            "optimizer's state in place and relies on dropped adapters getting zero gradients, which was checked for "
-            "ZeRO-2 and ZeRO-3 without offload only. Set the offload "
-            "devices to 'none' (offload_optimizer_device / offload_param_device in an accelerate config). For a model "
-            "past the GPUs' memory, select on one GPU with a 4-bit base (`wlora-trl select`), then train "
+            f"WeightLoRA does not support DeepSpeed offload to NVMe ({', '.join(offloaded)}): the switch at step T "
+            "edits the optimizer's state in place, which was checked without offload and with offload to the CPU "
+            "only. Set the offload devices to 'cpu' or 'none' (offload_optimizer_device / offload_param_device in an "
+            "accelerate config). Or select on one GPU with a 4-bit base (`wlora-trl select`), then train "
             "lora_config_from_selection(dir) with stock TRL under any DeepSpeed setting (README: 'Past one GPU')."
         )
     fp16_config = (config.get("fp16") or {}).get("enabled", False)

@@ -3,6 +3,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,11 @@ def test_deepspeed_cost_benchmark_smoke(tmp_path):
     dropped adapters (everything but their gradients) in both persistence settings."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "deepspeed.json"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(DEEPSPEED_COST)]
+    with socket.socket() as probe:  # the launcher's default port may be another run's right now
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port]
+    command.append(str(DEEPSPEED_COST))
     flags = ["--model", "tiny", "--rounds", "1", "--seq", "16", "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*command, *flags], capture_output=True, text=True, env=env)

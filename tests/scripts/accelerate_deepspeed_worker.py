@@ -4,15 +4,15 @@ GPU (the GPU kit's tests/gpu/test_cuda.py, NCCL; CUDA is used whenever it is the
     accelerate launch --config_file wlora_trl/cli/accelerate_configs/zero3.yaml --num_processes 2 \
         --mixed_precision no tests/scripts/accelerate_deepspeed_worker.py OUT [--plus] [--sft] [--base DIR]
         [--select_after] [--bf16] [--resume CHECKPOINT ...]
-    deepspeed --num_gpus 2 tests/scripts/accelerate_deepspeed_worker.py OUT --zero_stage 2   (`deepspeed=` in the args)
+    deepspeed --num_gpus 2 tests/scripts/accelerate_deepspeed_worker.py OUT --zero_stage 3 [--offload]  (`deepspeed=`)
     python tests/scripts/accelerate_deepspeed_worker.py OUT --batch 4       (the one-process reference, no DeepSpeed)
 
-DeepSpeed runs on a CPU as it is (its CPU accelerator, gloo); nothing is patched. T = 4 of 8 steps, a checkpoint
-every 2 steps (in OUT/run), a global batch of 4 rows (2 per process). `--base DIR` loads the base with
-`from_pretrained` once the training arguments exist (the SFTTrainer from the path, as TRL does), so under zero3.yaml's
-`zero3_init_flag` it arrives partitioned (`zero.Init`); otherwise each rank builds its base from another seed and only DeepSpeed's broadcast of rank 0's
-makes them one model, the reference's. `--resume` takes several checkpoints and resumes each in turn, in one launch.
-`--select_after` runs `select_adapters()` on a fresh trainer after the full run.
+DeepSpeed runs on a CPU as it is (its CPU accelerator, gloo); nothing is patched. T = 4 of 8 steps, a checkpoint every 2
+steps (in OUT/run), a global batch of 4 rows (2 per process). `--base DIR` loads the base with `from_pretrained` once
+the training arguments exist (the SFTTrainer from the path, as TRL does), so under zero3.yaml's `zero3_init_flag` it
+arrives partitioned (`zero.Init`); otherwise each rank builds its base from another seed and only DeepSpeed's broadcast
+of rank 0's makes them one model, the reference's. `--resume` takes several checkpoints and resumes each in turn, in one
+launch. `--select_after` runs `select_adapters()` on a fresh trainer after the full run.
 
 Each rank writes OUT/rank{r}.pt (or OUT/<name>/rank{r}.pt per resumed checkpoint and for the selection): what
 DeepSpeed made of the model, the switch's outcome, losses, logits on a probe, the saved adapter, and what ZeRO still
@@ -34,15 +34,24 @@ from tests.testing_utils import addition_lm_dataset, char_tokenizer, cpu_args, s
 USE_CPU = not torch.cuda.is_available()
 
 
-def deepspeed_config(stage: int) -> dict:
-    """What `deepspeed=` carries when the script is started by the `deepspeed` launcher (no accelerate config)."""
-    return {
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+def deepspeed_config(stage: int, offload: bool = False) -> dict:
+    """What `deepspeed=` carries when the script is started by the `deepspeed` launcher (no accelerate config).
+    `offload`: the optimizer (and under ZeRO-3 the parameters) offloaded to the CPU, with the Trainer's torch AdamW."""
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "zero_optimization": zero,
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
     }
+    if offload:
+        config["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed wants its CPU Adam; the Trainer's AdamW is torch's
+    return config
 
 
 def make_trainer(cli, run_dir: str):
@@ -57,7 +66,7 @@ def make_trainer(cli, run_dir: str):
         save_strategy="steps", save_steps=2, per_device_train_batch_size=cli.batch, bf16=cli.bf16, use_cpu=USE_CPU
     )
     if cli.zero_stage is not None:  # started by the deepspeed launcher: the Trainer's own DeepSpeed integration
-        saving["deepspeed"] = deepspeed_config(cli.zero_stage)
+        saving["deepspeed"] = deepspeed_config(cli.zero_stage, offload=cli.offload)
     if cli.sft:
         args = sft_args(run_dir, max_steps=MAX_STEPS, **saving)
         return WeightLoraSFTTrainer(
@@ -176,6 +185,7 @@ def main() -> None:
     parser.add_argument("--select_after", action="store_true", help="then select_adapters() on a fresh trainer")
     parser.add_argument("--resume", nargs="*", default=(), help="checkpoints of an earlier run, resumed in turn")
     parser.add_argument("--zero_stage", type=int, default=None, help="deepspeed launcher: deepspeed= with this stage")
+    parser.add_argument("--offload", action="store_true", help="with --zero_stage: offload to the CPU")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     cli = parser.parse_args()
     out = Path(cli.out)

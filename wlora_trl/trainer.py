@@ -27,7 +27,7 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
   runs after DeepSpeed's own step (which accelerate makes inside the backward). Resuming loads DeepSpeed's
   checkpoint, replays the selection, and after T loads the checkpoint once more over the replayed switch.
 
-Limits: FSDP version 1, DeepSpeed ZeRO stages 0-1, offload and fp16 are refused, one trained adapter (frozen ones
+Limits: FSDP version 1, DeepSpeed ZeRO stages 0-1, offload to NVMe and fp16 are refused, one trained adapter (frozen ones
 beside it, such as the reference copy TRL's DPO and GRPO trainers add, are left alone), plain LoRA on linear layers
 (no DoRA or other variants), `load_best_model_at_end` refused (checkpoints on either side of the switch differ in
 structure).
@@ -524,7 +524,7 @@ _REFUSALS = """
             that are active, trainable or made from WeightLoraConfigs of their own (a frozen reference copy may
             stay, except under FSDP2); LoRA on parameters (`target_parameters`, e.g. mixture-of-experts experts with
             `all-linear`), on embeddings (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or
-            K > n; T >= `max_steps`; FSDP version 1; DeepSpeed ZeRO stage 0 or 1, offload or fp16;
+            K > n; T >= `max_steps`; FSDP version 1; DeepSpeed ZeRO stage 0 or 1, NVMe offload or fp16;
             `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a model that went
             through the switch already. (LoRA variants, `lora_bias`, unsupported inits, and `plus=True` with a K
             other than n/2 are refused by `WeightLoraConfig` itself.)

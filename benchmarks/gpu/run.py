@@ -58,7 +58,7 @@ FSDP2_RUN = (  # benchmarks/fsdp2_cost.py flags on CUDA (one process, NCCL) and 
 )
 # Seconds per step: well above what each took on an H100/H200. The tests step took 83 s on an H200 before the FSDP2 and
 # ZeRO-3 Trainer tests joined it, which launch 4 and 3 processes (about 20 s each there): 360 s.
-STEP_LIMITS = {"tests": 360, "memory": 90, "speed:llama3-8b-shapes": 180, "speed:smollm2-135m-shapes": 90, "fsdp2": 60}
+STEP_LIMITS = {"tests": 360, "memory": 90, "speed:llama3-8b-shapes": 180, "speed:smollm2-135m-shapes": 180, "fsdp2": 60}
 TEST_LIMIT = 90  # per test, where pytest-timeout is installed: one hung test must not take the whole step's report
 
 

@@ -77,6 +77,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.study import (  # noqa: E402  (after the path line: run as a script, the repo is not on sys.path)
+    ARM_FLAGS,
     Study,
     add_study_arguments,
     finish_arguments,
@@ -87,15 +88,7 @@ from benchmarks.study import (  # noqa: E402  (after the path line: run as a scr
     write_result,
 )
 
-ARMS = {
-    "lora": ["--method", "lora"],
-    "weightlora": ["--method", "weightlora"],
-    "weightlora_plus": ["--method", "weightlora", "--plus", "true"],
-    "random": ["--method", "random"],
-    "weightlora_keep": ["--method", "weightlora", "--reinit", "false"],
-    "adalora": ["--method", "adalora"],
-    "eva": ["--method", "eva"],
-}
+ARMS = {name: flags for name, flags in ARM_FLAGS.items() if name != "weightlora_plus_keep"}
 SWEEP_ARMS = ("lora", "weightlora", "weightlora_plus")
 RUNS_DIR = REPO / "benchmarks" / "results" / "glue_runs"
 

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.study import (  # noqa: E402  (after the path line: run as a script, the repo is not on sys.path)
+    ARM_FLAGS,
     Study,
     add_study_arguments,
     finish_arguments,
@@ -53,16 +54,7 @@ from benchmarks.study import (  # noqa: E402  (after the path line: run as a scr
     write_result,
 )
 
-ARMS = {
-    "lora": ["--method", "lora"],
-    "weightlora": ["--method", "weightlora"],
-    "weightlora_plus": ["--method", "weightlora", "--plus", "true"],
-    "random": ["--method", "random"],
-    "weightlora_keep": ["--method", "weightlora", "--reinit", "false"],
-    "weightlora_plus_keep": ["--method", "weightlora", "--plus", "true", "--reinit", "false"],
-    "adalora": ["--method", "adalora"],
-    "eva": ["--method", "eva"],
-}
+ARMS = dict(ARM_FLAGS)  # every arm, the peers last
 PEER_ARMS = ("adalora", "eva")
 COMMITTED_ARMS = tuple(name for name in ARMS if name not in PEER_ARMS)  # the study as committed (24 runs)
 RUNS_DIR = REPO / "benchmarks" / "results" / "quality_runs"

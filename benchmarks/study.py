@@ -90,6 +90,20 @@ class Study:
         return (time.perf_counter() - self.started) / 60
 
 
+# The recipe flags each arm stands for, one definition for both drivers (the GSM8K SFT recipe and the GLUE one take
+# the same --method / --plus / --reinit flags); a driver picks its arms from these, in this order.
+ARM_FLAGS = {
+    "lora": ["--method", "lora"],
+    "weightlora": ["--method", "weightlora"],
+    "weightlora_plus": ["--method", "weightlora", "--plus", "true"],
+    "random": ["--method", "random"],
+    "weightlora_keep": ["--method", "weightlora", "--reinit", "false"],
+    "weightlora_plus_keep": ["--method", "weightlora", "--plus", "true", "--reinit", "false"],
+    "adalora": ["--method", "adalora"],
+    "eva": ["--method", "eva"],
+}
+
+
 def add_study_arguments(parser: argparse.ArgumentParser, runs_dir: Path, work_dir: str, output: Path) -> None:
     """The flags every study has: --no_train, --runs_dir, --work_dir, --stop_file, --output."""
     parser.add_argument(

@@ -139,10 +139,11 @@ def test_a_dcp_checkpoint_resumes_the_same_run_on_either_side_of_the_switch(shar
 
 def test_fsdp2_mixed_precision_selects_as_fp32_does(sharded_run):
     # MixedPrecisionPolicy(param_dtype=bf16): the gate sees a bf16 A; omega's gradient is still reduced in fp32
-    # (observed: omega within 0.0053 of the fp32 run, 0.0076 when it was reduced in bf16; kept set identical).
+    # (observed: omega within 0.0053 of the fp32 run on a CPU with native bf16, 0.0076 when it was reduced in bf16;
+    # 0.021 on a CPU without it, whose bf16 matmuls take another oneDNN path; the kept set identical on both).
     fp32, _ = sharded_run()
     bf16, out = sharded_run("--bf16_params")
     assert bf16["rank0"]["kept"] == fp32["rank0"]["kept"]
-    torch.testing.assert_close(bf16["rank0"]["omega"], fp32["rank0"]["omega"], rtol=0, atol=0.02)
+    torch.testing.assert_close(bf16["rank0"]["omega"], fp32["rank0"]["omega"], rtol=0, atol=0.04)
     assert torch.equal(bf16["rank0"]["omega"], bf16["rank1"]["omega"])
     assert all(value.dtype == torch.float32 for value in bf16["rank0"]["adapter"].values())  # fp32 shards export

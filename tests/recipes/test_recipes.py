@@ -460,9 +460,11 @@ def test_bf16_default_follows_the_cpu_and_an_explicit_flag_wins(monkeypatch):
     for native in (True, False):
         monkeypatch.setattr(common, "cpu_has_native_bf16", lambda native=native: native)
         _, training_args, _ = sft.make_parser().parse_args_and_config([])
-        assert training_args.bf16 is native and training_args.use_cpu is native  # transformers wants use_cpu said
+        # use_cpu whatever the precision: transformers wants it said for bf16 on a CPU, and accelerate needs it to
+        # see the processes of a multi-process CPU launch (without it, each trains alone: DistributedType.NO).
+        assert training_args.bf16 is native and training_args.use_cpu is True
         _, training_args, _ = classify_boolq.make_parser().parse_args_and_config([])
-        assert training_args.bf16 is native
+        assert training_args.bf16 is native and training_args.use_cpu is True
     monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
     assert sft.make_parser().parse_args_and_config(["--bf16", "false"])[1].bf16 is False
 

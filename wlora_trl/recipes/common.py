@@ -258,15 +258,16 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def resolve_bf16_default(training_args) -> None:
     """Give `training_args.bf16` left at None the recipes' default: on for a CUDA GPU and for a CPU with native bf16,
-    never with fp16. transformers accepts bf16 on a CPU only with `use_cpu=True`, so that is set where no GPU is."""
+    never with fp16. Where no GPU is, `use_cpu=True` is set whatever the precision: transformers accepts bf16 on a
+    CPU only with it, and without it accelerate does not see the processes of a multi-process CPU launch (each would
+    train alone, and an FSDP2 launch would stop on the meta weights of the ranks that load nothing)."""
     import torch
 
-    if training_args.bf16 is not None:
-        return
     on_gpu = torch.cuda.is_available() and not training_args.use_cpu
-    training_args.bf16 = (on_gpu or cpu_has_native_bf16()) and not training_args.fp16
-    if training_args.bf16 and not on_gpu:
+    if not on_gpu:
         training_args.use_cpu = True
+    if training_args.bf16 is None:
+        training_args.bf16 = (on_gpu or cpu_has_native_bf16()) and not training_args.fp16
 
 
 def let_optional_bools_stand_alone(parser) -> None:

@@ -77,6 +77,8 @@ def main() -> None:
             print(json.dumps({k: runs[launcher][k] for k in ("process_wall_s", "timings_s")}), flush=True)
     import torch
 
+    from wlora_trl.recipes.common import cpu_has_native_bf16
+
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": {
@@ -84,6 +86,8 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            # the recipe's precision default follows it: bf16 autocast with native bf16, fp32 without
+            "native_bf16": torch.cuda.is_available() or cpu_has_native_bf16(),
         },
         "max_steps": args.max_steps,
         "runs": runs,

@@ -315,6 +315,14 @@ def main() -> None:
     parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/speed_<model>_<device>.json)"
     )
+    parser.add_argument(
+        "--memory_variants",
+        nargs="+",
+        default=None,
+        metavar="VARIANT",
+        help="the variants whose peak memory is measured (default: all; on a CPU each is a child process that spends "
+        "most of its ~10 s importing the libraries, so smoke runs measure lora and switched only)",
+    )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kept", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,7 +350,11 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
 
     memory = {}
-    for name in VARIANTS:
+    memory_variants = args.memory_variants or VARIANTS
+    unknown = sorted(set(memory_variants) - set(VARIANTS))
+    if unknown or not {"lora", "switched"} <= set(memory_variants):
+        sys.exit(f"--memory_variants: from {list(VARIANTS)}, with lora and switched (the memory check); got {unknown}")
+    for name in [name for name in VARIANTS if name in memory_variants]:
         if args.device.startswith("cuda"):
             memory[name] = peak_memory_cuda(runners[name], batch)
         else:
@@ -420,7 +432,8 @@ def main() -> None:
 
     print(f"\n{'variant':<15}{'median step (s)':>16}{'trainable':>12}{'peak mem (MiB)':>16}")
     for name in VARIANTS:
-        print(f"{name:<15}{median[name]:>16.4f}{runners[name].trainable():>12,}{memory[name] / 2**20:>16.1f}")
+        peak = f"{memory[name] / 2**20:>16.1f}" if name in memory else f"{'-':>16}"
+        print(f"{name:<15}{median[name]:>16.4f}{runners[name].trainable():>12,}{peak}")
     print(
         f"\nswitch: {switch_seconds['switched'] * 1000:.1f} ms (WeightLoRA), {switch_seconds['plus_switched'] * 1000:.1f} ms (WeightLoRA+)"
     )

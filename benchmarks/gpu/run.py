@@ -42,14 +42,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"]
 
+# The dry run measures the memory of the two variants its check compares: on a CPU each is a child process (~10 s of
+# imports), a path the CUDA run never takes (it reads max_memory_allocated in-process for every variant).
+DRY_RUN_MEMORY = ["--memory_variants", "lora", "switched"]
 SPEED_RUNS = {  # name: (speed.py flags on CUDA, flags in the dry run)
     "llama3-8b-shapes": (
         ["--model", "llama3-8b-shapes", "--r", "16", "--batch", "4", "--seq", "512", "--rounds", "20"],
-        ["--model", "tiny", "--r", "16", "--batch", "2", "--seq", "16", "--rounds", "2"],
+        ["--model", "tiny", "--r", "16", "--batch", "2", "--seq", "16", "--rounds", "2", *DRY_RUN_MEMORY],
     ),
     "smollm2-135m-shapes": (
         ["--model", "smollm2-135m-shapes", "--r", "8", "--batch", "2", "--seq", "128", "--rounds", "40"],
-        ["--model", "tiny", "--r", "8", "--batch", "2", "--seq", "16", "--rounds", "2"],
+        ["--model", "tiny", "--r", "8", "--batch", "2", "--seq", "16", "--rounds", "2", *DRY_RUN_MEMORY],
     ),
 }
 FSDP2_RUN = (  # benchmarks/fsdp2_cost.py flags on CUDA (one process, NCCL) and in the dry run (gloo)

@@ -256,7 +256,9 @@ def test_quality_study_renders_unchanged_with_the_peer_arms_added(monkeypatch, c
 @pytest.mark.slow
 def test_glue_study_smoke_on_minilm(tmp_path):
     """The driver for real with a tiny budget: each run a fresh recipe process on MiniLM and local RTE, records
-    committed-style, a second sitting trains nothing and renders the same tables."""
+    committed-style, a second sitting trains nothing and renders the same tables. One rate and no rank sweep: each
+    run costs a process start (~10 s of imports), and the grid's choice and the sweep are checked on fake records
+    above."""
     import os
     import subprocess
 
@@ -268,7 +270,7 @@ def test_glue_study_smoke_on_minilm(tmp_path):
     flags = [
         "--tasks", "rte", "--arms", "lora", "weightlora", "adalora", "--seeds", "0", "--max_steps", "6",
         "--batch_size", "4", "--train_samples", "32", "--eval_samples", "32", "--max_length", "128",
-        "--selection_steps", "3", "--lr_grid", "0.0005", "0.002", "--sweep_task", "rte", "--sweep_ranks", "2",
+        "--selection_steps", "3", "--lr_grid", "0.0005", "--sweep_task", "rte", "--sweep_ranks",
         "--runs_dir", str(runs), "--work_dir", str(tmp_path / "work"), "--output", str(out),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -276,11 +278,8 @@ def test_glue_study_smoke_on_minilm(tmp_path):
     done = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*.json"))
-    assert records == [
-        "rte/adalora_seed0.json", "rte/lora_r2_seed0.json", "rte/lr_grid/lora_lr0.0005_seed0.json",
-        "rte/lr_grid/lora_lr0.002_seed0.json", "rte/weightlora_plus_r2_seed0.json", "rte/weightlora_r2_seed0.json",
-        "rte/weightlora_seed0.json",
-    ]  # fmt: skip
+    # LoRA's grid run at the chosen rate is its first seed's run
+    assert records == ["rte/adalora_seed0.json", "rte/lr_grid/lora_lr0.0005_seed0.json", "rte/weightlora_seed0.json"]
     result = json.loads(out.read_text())
     weightlora = json.loads((runs / "rte" / "weightlora_seed0.json").read_text())
     assert len(weightlora["kept"]) == 18 and weightlora["trainable_parameters"] < result["summary"]["rte"]["lora"][
@@ -288,7 +287,7 @@ def test_glue_study_smoke_on_minilm(tmp_path):
     assert weightlora["peak_rss_mib"] > 100 and weightlora["seconds"]["run"] > weightlora["seconds"]["train"] > 0
     adalora = json.loads((runs / "rte" / "adalora_seed0.json").read_text())
     assert sum(adalora["ranks"].values()) == 36 * 4
-    assert result["settings"]["tasks"] == ["rte"] and set(result["sweep"]) == {"2", "8"}
+    assert result["settings"]["tasks"] == ["rte"] and not result["sweep"]
     table = out.with_suffix(".md").read_text()
     assert "| RTE (1 seed) | weightlora |" in table and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 

@@ -388,9 +388,11 @@ def test_trainer_under_deepspeed_zero3_switches_in_mask_mode_saves_and_resumes(t
     """The packaged zero3.yaml with one process: the Trainer runs under a DeepSpeed ZeRO-3 engine, switches in mask
     mode (ZeRO keeps the dropped adapters, every copy zero), saves a stock adapter that reloads to the trained logits,
     resumes DeepSpeed's checkpoints from before and after T to the same losses, and under the config's own bf16 keeps
-    the fp32 selection. Runs on the CPU in the kit's dry run (DeepSpeed's CPU accelerator): the same worker and code
-    path as the CPU suite's 2-process tests."""
+    the fp32 selection. On CUDA only: on a CPU this is the worker and code path of the CPU suite's 2-process
+    tests (tests/test_deepspeed_trainer.py)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed here (the `deepspeed` extra)")
+    if device == "cpu":  # 45 s of the kit's dry run for nothing the CPU suite does not already run
+        pytest.skip("on a CPU this worker and path are tests/test_deepspeed_trainer.py's, which the CPU suite runs")
     from wlora_trl.cli.launch import packaged_accelerate_configs
 
     worker = Path(__file__).parents[1] / "scripts" / "accelerate_deepspeed_worker.py"  # the CPU suite's worker too

@@ -1,5 +1,8 @@
 """omega, its gates on the LoRA adapters, and the StoIHT step that trains it.
 
+`OmegaGates` gives each selectable unit (`wlora_trl.units`) its omega and asks the unit to gate itself; what follows
+is the gate of a linear adapter (an experts block's is `units.OmegaGatedParamWrapper`, on B).
+
 During the selection phase adapter i computes `scaling * B((omega_i * A)(dropout(x)))`, which is the paper's
 `omega_i * scaling * B(A(dropout(x)))`. The gate scales the weight of `lora_A` (r x in_features), not an activation:
 for the warm-up each `lora_A` becomes an `OmegaGatedLinear` (a class swap on the same module object, so its

@@ -1,15 +1,15 @@
 """The architecture matrix: each model family trains through the switch with WeightLoRA, and its saved adapter, loaded
 by stock PEFT in a process that never imports wlora_trl, reproduces the trained model's logits (fp32, <= 1e-5).
 
-Families: Llama, Qwen3-MoE (attention adapters; the experts are refused, see test_refusals), GPT-2 (Conv1D layers),
-GPT-NeoX (fused QKV), Gemma, BERT with a classifier head (modules_to_save), T5 (encoder-decoder). A new family is
-one entry in ARCHITECTURES.
+Families: Llama, the mixture-of-experts models Qwen3-MoE, Mixtral and gpt-oss (all-linear: experts blocks and
+routers are selectable units; gpt-oss needs target_parameters, which all-linear does not reach there), GPT-2 (Conv1D
+layers), GPT-NeoX (fused QKV), Gemma, BERT with a classifier head (modules_to_save), T5 (encoder-decoder). A new family
+is one entry in ARCHITECTURES.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import textwrap
@@ -22,6 +22,8 @@ from transformers import (
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
+    MixtralConfig,
     T5Config,
 )
 
@@ -39,9 +41,37 @@ from wlora_trl import WeightLoraConfig, WeightLoraTrainer
 V = len(VOCAB)
 IDS = torch.arange(3, 35).reshape(2, 16)
 
+MOE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+
 ARCHITECTURES = {  # name: (model factory, Auto class, data, extra WeightLoraConfig fields)
     "llama": (tiny_llama, "AutoModelForCausalLM", addition_lm_dataset, {}),
     "qwen3_moe": (tiny_qwen3_moe, "AutoModelForCausalLM", addition_lm_dataset, {}),
+    "mixtral": (
+        lambda: AutoModelForCausalLM.from_config(
+            MixtralConfig(vocab_size=V, **MOE, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
+        ),
+        "AutoModelForCausalLM",
+        addition_lm_dataset,
+        {},
+    ),
+    # PEFT 0.21's all-linear does not reach gpt-oss's experts (nor its router): they are named here, one unit per block.
+    "gpt_oss": (
+        lambda: AutoModelForCausalLM.from_config(
+            GptOssConfig(
+                vocab_size=V,
+                **MOE,
+                head_dim=16,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                layer_types=["full_attention", "sliding_attention"],
+                sliding_window=8,
+            )
+        ),
+        "AutoModelForCausalLM",
+        addition_lm_dataset,
+        {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+    ),
     "gpt2": (
         lambda: AutoModelForCausalLM.from_config(
             GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64)
@@ -123,21 +153,6 @@ def _logits(model, auto: str) -> torch.Tensor:
         return model.eval()(input_ids=IDS, **extra).logits
 
 
-def _target_modules(name: str, factory) -> str | list[str]:
-    """all-linear, except for the mixture-of-experts model: there the refusal names the modules to use instead,
-    and the matrix uses exactly those (so the message is checked to be one a user can act on)."""
-    if name != "qwen3_moe":
-        return "all-linear"
-    with pytest.raises(ValueError) as refusal:
-        WeightLoraTrainer(
-            factory(),
-            cpu_args("unused", max_steps=6),
-            train_dataset=addition_lm_dataset(),
-            peft_config=WeightLoraConfig(r=4, target_modules="all-linear", selection_steps=3),
-        )
-    return json.loads(re.search(r"Use target_modules=(\[.*?\])", str(refusal.value)).group(1).replace("'", '"'))
-
-
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     root = tmp_path_factory.mktemp("architectures")
@@ -150,7 +165,7 @@ def matrix(tmp_path_factory):
         cfg = WeightLoraConfig(
             r=4,
             lora_alpha=8,
-            target_modules=_target_modules(name, factory),
+            target_modules="all-linear",
             selection_steps=3,
             init_lora_weights="gaussian",
             **extra,
@@ -160,7 +175,9 @@ def matrix(tmp_path_factory):
         )
         trainer.train()
         trainer.save_model(str(root / name / "adapter"))
-        results[name] = {"trainer": trainer, "logits": _logits(trainer.model, auto)}
+        with trainer.model.disable_adapter():
+            base_logits = _logits(trainer.model, auto)
+        results[name] = {"trainer": trainer, "logits": _logits(trainer.model, auto), "base_logits": base_logits}
         runs.append(
             {
                 "auto": auto,
@@ -185,5 +202,35 @@ def test_trains_through_the_switch_and_reloads_with_stock_peft(matrix, name):
     assert weight_lora.switched and weight_lora.omega_steps["taken"] >= 1
     kept = {a.module for a in weight_lora.adapters if a.kept}
     assert len(kept) == weight_lora.k < weight_lora.num_adapters
-    assert set(result["config"]["target_modules"]) == kept
+    exported = set(result["config"]["target_modules"] or []) | {
+        name.rsplit(".", 1)[0] for name in result["config"].get("target_parameters") or []
+    }
+    assert exported == kept
     assert (result["reloaded"] - result["logits"]).abs().max().item() <= 1e-5
+    # The adapter's own effect on the logits is far above the tolerance: the comparison is not trivially met.
+    assert (result["logits"] - result["base_logits"]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_mixture_of_experts_blocks_are_selected_and_kept_ones_reload(matrix, name):
+    """With all-linear (gpt-oss: plus target_parameters) every layer's experts block is one selectable unit (gate_up
+    and down together) and the router, where PEFT adapts it, one of its own; a kept block is exported with exact
+    target_parameters (and reloads: the matrix test), a dropped one is the plain experts module again."""
+    weight_lora = matrix[name]["trainer"].weight_lora
+    records = weight_lora.adapters
+    blocks = [a for a in records if a.kind == "experts"]
+    assert [a.module for a in blocks] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert all(set(a.parameters) == {"gate_up_proj", "down_proj"} and a.num_experts == 4 for a in blocks)
+    assert any(a.kept for a in blocks)  # so the stock reload in the matrix test covers a trained experts adapter
+    routers = [a.module for a in records if a.kind == "parameter"]
+    assert routers == ([] if name == "gpt_oss" else [f"model.layers.{i}.mlp.gate" for i in range(2)])
+    config = matrix[name]["config"]
+    kept_targets = [t for a in records if a.kept and a.kind != "linear" for t in a.target_parameters]
+    assert sorted(config.get("target_parameters") or []) == sorted(kept_targets)
+    base = weight_lora.base
+    for block in blocks:
+        experts = base.get_submodule(block.module)
+        if block.kept:
+            assert experts.lora_A["default"].weight.shape[0] == block.rank * 4
+        else:
+            assert not hasattr(experts, "lora_A") and not any("lora_" in n for n, _ in experts.named_parameters())

@@ -90,6 +90,7 @@ SCENARIOS = {
     "torch_compile": ["--compile"],  # the DDP wrapper sits inside an OptimizedModule
     "reentrant_checkpointing": ["--reentrant-checkpointing"],  # with ddp_find_unused_parameters=False
     "conditional_compute": ["--conditional-compute"],  # a kept adapter unused in some steps after the switch
+    "mixture_of_experts": ["--moe"],  # Qwen3-MoE: experts blocks and routers are units (one omega per block)
 }
 
 
@@ -113,6 +114,8 @@ def test_ranks_stay_together_in_every_setup(scenario):
     # The re-wrap keeps the setting it replaces: the user's False with reentrant checkpointing, else the Trainer's
     # True for a PEFT model (which the conditional-compute run needs from step T+2 on).
     assert rank0["find_unused_after_switch"] is (name != "reentrant_checkpointing")
+    if name == "mixture_of_experts":  # a kept experts block trained under DDP, identically on both ranks
+        assert any(".mlp.experts.lora_B." in adapter for adapter in rank0["adapters"])
     if name != "torch_compile":  # torch.compile's own caches still reference the old graph: a known leak
         assert rank0["old_adapter_tensors_alive"] == 0
 

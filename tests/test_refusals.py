@@ -116,15 +116,15 @@ def test_several_gpus_in_one_process_are_refused(tmp_path):
         WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=WeightLoraConfig(**CFG))
 
 
-def test_mixture_of_experts_with_all_linear_is_refused_with_the_modules_to_use(tmp_path):
-    """PEFT adds LoRA on the expert and router parameters (target_parameters) while wrapping; the run used to train
-    T steps and then crash in the switch. Refused at construction, naming the linear modules to target instead."""
+def test_mixture_of_experts_with_lora_dropout_is_refused_with_what_to_change(tmp_path):
+    """PEFT adds LoRA on the expert and router parameters (target_parameters) while wrapping with all-linear, and
+    its wrapper cannot apply dropout; the refusal says to set lora_dropout=0 (the experts are selectable units)."""
+    with pytest.raises(ValueError, match=r"expert \(and router\) weights as parameters.*set lora_dropout=0"):
+        _build(tmp_path, model=tiny_qwen3_moe(), peft_config=WeightLoraConfig(**CFG, lora_dropout=0.1))
     with pytest.raises(
-        ValueError,
-        match=r"adapters on parameters .*Use target_modules=\['k_proj', 'o_proj', "
-        r"'q_proj', 'v_proj'\]",
+        ValueError, match=r"target_parameters=\['experts.gate_up_proj'\] with lora_dropout=0.1.*lora_dropout=0"
     ):
-        _build(tmp_path, model=tiny_qwen3_moe(), peft_config=WeightLoraConfig(**CFG))
+        WeightLoraConfig(**CFG, target_parameters=["experts.gate_up_proj"], lora_dropout=0.1)
 
 
 @pytest.mark.parametrize(

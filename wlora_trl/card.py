@@ -40,7 +40,8 @@ def model_card(
     kept = [a for a in report.adapters if a.kept]
     ranks = sorted({a.rank for a in kept}) or sorted({a.rank for a in report.adapters})
     rank = ranks[0] if len(ranks) == 1 else max(ranks)
-    known_shapes = all(a.in_features is not None for a in report.adapters)
+    known_shapes = all(a.shape_known for a in report.adapters)
+    experts = [a for a in report.adapters if a.kind == "experts"]
     tags = list(dict.fromkeys(["peft", "lora", "weightlora", *trainer_tags]))
     auto_class = AUTO_CLASSES.get(task, "AutoModel")
     lines = [
@@ -86,11 +87,15 @@ def model_card(
         lines.append(f"| omega_lr | {report.omega_lr} |")
     lines.append(f"| kept per projection | {kept_by_projection(report)} |")
     if known_shapes and report.switched:
-        trainable = sum(a.rank * (a.in_features + a.out_features) for a in kept)
+        trainable = sum(a.numel() for a in kept)
         lora_rank = rank // 2 if report.method == "WeightLoRA+" else rank
-        lora = sum(lora_rank * (a.in_features + a.out_features) for a in report.adapters)
+        lora = sum(a.numel(lora_rank) for a in report.adapters)
         lines.append(f"| trainable parameters | {trainable:,} ({100 * trainable / lora:.0f}% of LoRA rank {lora_rank} on all "
                      f"n: {lora:,}) |")  # fmt: skip
+    if experts:
+        lines.append(f"| experts blocks kept | {sum(a.kept for a in experts)} of {len(experts)} (each block: the "
+                     f"{experts[0].num_experts} experts' {' and '.join(experts[0].parameters)}, kept or dropped "
+                     "together) |")  # fmt: skip
     lines.append("")
     if heatmap:
         lines += [f"![The selection: layers x projections, colour = final ω, kept outlined]({heatmap})", ""]
@@ -110,7 +115,14 @@ def model_card(
         f"- lm-evaluation-harness: `lm_eval --model hf --model_args pretrained={base},peft=path/to/this/adapter --tasks ...`",
         f"- vLLM: `LLM(model=\"{base}\", enable_lora=True, max_lora_rank={rank})` and "
         '`LoRARequest("weightlora", 1, "path/to/this/adapter")`; vLLM and llama.cpp take adapters on a subset of '
-        "layers as they are.",
+        "layers as they are."
+        + (
+            " The experts adapters are PEFT `target_parameters` (LoRA on the 3-D expert weights): vLLM loads them "
+            "with its MoE LoRA support (recent releases), which needs gate_up_proj and down_proj of a block together "
+            "(so WeightLoRA keeps or drops them together)."
+            if experts
+            else ""
+        ),
         "- TGI / LoRAX (and SGLang before it accepted missing projections) want every projection type in every "
         "layer: export a padded copy first, `wlora-trl export --padded THIS_FOLDER PADDED_FOLDER` (zeros where an "
         "adapter was dropped; the same function).",

@@ -78,9 +78,13 @@ class WeightLoraConfig(LoraConfig):
         selection (`"stoiht" | "random"`, defaults to `"stoiht"`): the paper's method, or K random adapters kept
             after T steps without omega (the paper's RLoRA ablation).
 
+    `target_parameters` (LoRA on parameters: the experts of mixture-of-experts models, which PEFT also adds by itself
+    for some families with `target_modules="all-linear"`) makes each module's parameters one selectable unit, such
+    as a layer's experts block (`wlora_trl.units`); PEFT needs `lora_dropout=0` there.
+
     Raises `ValueError` for values outside those ranges and for LoRA features the switch cannot rebuild (DoRA and
-    the other variants, `lora_bias`, `target_parameters`, inits other than PEFT's default and `"gaussian"`), each
-    message saying what to change. The exported adapter is a stock `LoraConfig`.
+    the other variants, `lora_bias`, inits other than PEFT's default and `"gaussian"`), each message saying what to
+    change. The exported adapter is a stock `LoraConfig`.
 
     Example:
         ```python
@@ -221,9 +225,14 @@ class WeightLoraConfig(LoraConfig):
                 "adapters as standard LoRA (A random, B zero). Use init_lora_weights=True (PEFT's default) or "
                 "'gaussian'."
             )
+        if self.target_parameters and self.lora_dropout:
+            raise ValueError(
+                f"target_parameters={self.target_parameters} with lora_dropout={self.lora_dropout}: PEFT's adapters on "
+                "parameters (mixture-of-experts weights) cannot apply dropout (its ParamWrapper refuses it). Set "
+                "lora_dropout=0."
+            )
         unsupported = {
             "lora_bias": self.lora_bias,
-            "target_parameters": self.target_parameters,
             "layer_replication": self.layer_replication,
             "use_qalora": self.use_qalora,
         }

@@ -4,7 +4,8 @@ Before the switch the model computes `B (omega_i A) x` per adapter, which no sto
 in the warm-up (a checkpoint at a step <= T, or `save_model` mid-run) therefore post-processes what PEFT wrote:
 - `adapter_model.safetensors`: every `lora_B` multiplied by its omega_i (zero for adapters thresholded out), so
   stock PEFT reloads the function the model has at that step;
-- `adapter_config.json`: a stock LoRA config (no WeightLoRA fields; target_modules = every adapted module's name);
+- `adapter_config.json`: a stock LoRA config (no WeightLoRA fields; target_modules = every adapted module's name,
+  target_parameters = every adapted expert or router parameter's);
 - `weight_lora_warmup_adapter.safetensors`: the adapter weights as they are (unfolded), which resuming loads back:
   an adapter at omega_i = 0 keeps its weights and may re-enter the selection later, so folding must not lose them.
 After the switch the model is plain LoRA and PEFT's files need one thing only: with `bias="lora_only"` the trained
@@ -53,18 +54,19 @@ def finish_adapter_file(directory: str | os.PathLike, weight_lora) -> None:
         safetensors = weights_path.endswith(".safetensors")
         weights = load_file(weights_path) if safetensors else torch.load(weights_path, weights_only=True)
         if omega is not None:
-            for module, factor in zip(weight_lora.module_names, omega.detach().cpu().tolist()):
-                key = f"base_model.model.{module}.lora_B.weight"
-                if key not in weights:
-                    raise KeyError(f"{key} is not in {weights_path}: the saved adapter does not match the model")
-                weights[key] = weights[key] * factor
+            for unit, factor in zip(weight_lora.units, omega.detach().cpu().tolist()):
+                for module in unit.file_modules:  # an experts block: each of its wrappers' B
+                    key = f"base_model.model.{module}.lora_B.weight"
+                    if key not in weights:
+                        raise KeyError(f"{key} is not in {weights_path}: the saved adapter does not match the model")
+                    weights[key] = weights[key] * factor
         weights.update(biases)
         if safetensors:
             save_file(weights, weights_path, metadata={"format": "pt"})
         else:
             torch.save(weights, weights_path)
     if warmup:
-        _write_stock_warmup_config(directory, weight_lora.module_names)
+        _write_stock_warmup_config(directory, weight_lora.units)
 
 
 def _adapter_weights_path(directory: str | os.PathLike) -> str:
@@ -75,15 +77,21 @@ def _adapter_weights_path(directory: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in {directory}")
 
 
-def _write_stock_warmup_config(directory: str | os.PathLike, module_names: list[str]) -> None:
+def _write_stock_warmup_config(directory: str | os.PathLike, units: list) -> None:
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     with open(config_path) as f:
         config = json.load(f)
     for field in WEIGHT_LORA_FIELDS:
         config.pop(field, None)
-    # Exact module names, as after the switch: PEFT would otherwise re-resolve "all-linear" or suffixes on reload.
+    # Exact module and parameter names, as after the switch: PEFT would otherwise re-resolve "all-linear" or
+    # suffixes on reload.
+    targets = {"target_modules": [], "target_parameters": []}
+    for unit in units:
+        for field, names in unit.config_targets().items():
+            targets[field].extend(names)
     config.update(
-        target_modules=list(module_names),
+        target_modules=targets["target_modules"] or (None if targets["target_parameters"] else []),
+        target_parameters=targets["target_parameters"] or None,
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
@@ -126,6 +134,12 @@ def pad_adapter(source: str | os.PathLike, target: str | os.PathLike, report=Non
     report = report if report is not None else read_selection(source)
     if not report.switched:
         raise ValueError(f"{source} was saved before the switch: every adapter is still there, nothing to pad.")
+    if any(a.kind != "linear" for a in report.adapters):
+        raise ValueError(
+            f"{source} holds adapters on experts or routers (target_parameters); padding is for serving engines that "
+            "want every projection in every layer (TGI / LoRAX), which do not load mixture-of-experts LoRA. Serve it "
+            "as it is (vLLM takes a subset of layers)."
+        )
     if any(a.in_features is None for a in report.adapters):
         raise ValueError(
             f"{source}/selection.json predates format 2 and does not record the layers' shapes; save the adapter again "

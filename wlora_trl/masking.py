@@ -31,7 +31,15 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .surgery import adapter_parameters, alpha_for_rank, rebuild_adapter, retarget_optimizer
+from .surgery import (
+    adapter_parameters,
+    alpha_for_rank,
+    first_rank,
+    rank_view_a,
+    rank_view_b,
+    rebuild_adapter,
+    retarget_optimizer,
+)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -84,9 +92,10 @@ class ParameterAccess:
 PLAIN_ACCESS = ParameterAccess()
 
 
-def lora_init_a(rank: int, in_features: int, init_lora_weights: bool | str) -> torch.Tensor:
-    """A fresh `lora_A` weight, drawn from the default CPU generator as PEFT's `reset_lora_parameters` draws it."""
-    weight = torch.empty(rank, in_features)
+def lora_init_a(rank: int, in_features: int, init_lora_weights: bool | str, num_experts: int = 1) -> torch.Tensor:
+    """A fresh `lora_A` weight (rank * num_experts rows), drawn from the default CPU generator as PEFT's
+    `reset_lora_parameters` draws it."""
+    weight = torch.empty(rank * num_experts, in_features)
     if init_lora_weights is True:
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     else:  # "gaussian" (WeightLoraConfig refuses every other init)
@@ -95,15 +104,17 @@ def lora_init_a(rank: int, in_features: int, init_lora_weights: bool | str) -> t
 
 
 @torch.no_grad()
-def preallocate_double_rank(layer: LoraLayer, adapter_name: str, config) -> None:
+def preallocate_double_rank(layer: LoraLayer, adapter_name: str, config, num_experts: int = 1) -> None:
     """WeightLoRA+ in mask mode, before sharding: give the adapter rank 2r (alpha doubled, so alpha/r and the
-    function stay), its first r rows of A and columns of B the adapter's own, the rest zero."""
+    function stay), its first r rows of A and columns of B (per expert) the adapter's own, the rest zero."""
     rank = layer.r[adapter_name]
     alpha = alpha_for_rank(layer.lora_alpha[adapter_name], rank, 2 * rank, config.use_rslora)
     with torch.random.fork_rng(devices=[]):  # PEFT draws a throwaway init here; leave the user's stream alone
-        rebuild_adapter(layer, adapter_name, config, rank=2 * rank, alpha=alpha, reinit=False, omega=1.0)
-    layer.lora_A[adapter_name].weight[rank:].zero_()
-    layer.lora_B[adapter_name].weight[:, rank:].zero_()
+        rebuild_adapter(
+            layer, adapter_name, config, rank=2 * rank, alpha=alpha, reinit=False, omega=1.0, num_experts=num_experts
+        )
+    rank_view_a(layer.lora_A[adapter_name].weight, num_experts)[:, rank:].zero_()
+    rank_view_b(layer.lora_B[adapter_name].weight, num_experts)[:, rank:].zero_()
 
 
 @torch.no_grad()
@@ -128,21 +139,26 @@ def reinit_in_place(
     omega: float,
     init_lora_weights,
     access: ParameterAccess = PLAIN_ACCESS,
+    num_experts: int = 1,
 ) -> list[nn.Parameter]:
     """A kept adapter's post-switch form, in place (same parameters, same shapes): re-initialised (A from the
     current CPU generator, B zero) or, with `reinit=False`, omega folded into B and any extra rank (WeightLoRA+)
-    given fresh rows of A, so the function is unchanged. Returns the adapter's parameters."""
+    given fresh rows of A (per expert, for an experts `ParamWrapper`), so the function is unchanged. Returns the
+    adapter's parameters."""
     a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    rank, in_features = full_shape(a)
-    fresh = lora_init_a(rank, in_features, init_lora_weights)
+    rows, in_features = full_shape(a)
+    rank = rows // num_experts
+    fresh = lora_init_a(rank, in_features, init_lora_weights, num_experts)
     if reinit:
         access.write(a, fresh)
         access.write(b, torch.zeros(full_shape(b)))
     else:
         access.write(b, access.read(b).to(device="cpu", dtype=torch.float32) * omega)
         if rank > warmup_rank:
-            kept_rows = access.read(a)[:warmup_rank].to(device="cpu", dtype=fresh.dtype)
-            access.write(a, torch.cat([kept_rows, fresh[warmup_rank:]]))
+            grown = rank_view_a(fresh.clone(), num_experts)
+            kept_rows = rank_view_a(access.read(a).to(device="cpu", dtype=fresh.dtype), num_experts)[:, :warmup_rank]
+            grown[:, :warmup_rank] = kept_rows
+            access.write(a, grown.reshape(rows, in_features))
     return adapter_parameters(layer, adapter_name)
 
 
@@ -173,12 +189,14 @@ def gathered_adapter_state_dict(
     adapter_name: str,
     ranks: dict[str, int],
     access: ParameterAccess = PLAIN_ACCESS,
+    experts: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """PEFT's adapter file contents (keys as `get_peft_model_state_dict` writes them), from full tensors on the CPU.
 
-    `modules` maps each exported module's name (relative to the base model) to the factor its `lora_B` is multiplied
-    by (omega during the warm-up; None for 1), `ranks` its rank (a WeightLoRA+ adapter pre-allocated at 2r exports
-    its first r during the warm-up). Other modules' adapters are left out; `modules_to_save` copies come along.
+    `modules` maps each exported module's name (relative to the base model, as in the file: an experts block's inner
+    wrapper is `<name>.base_layer`) to the factor its `lora_B` is multiplied by (omega during the warm-up; None for
+    1), `ranks` its rank (a WeightLoRA+ adapter pre-allocated at 2r exports its first r during the warm-up, per
+    expert), `experts` its number of experts (1 when absent). Other modules' adapters are left out; `modules_to_save` copies come along.
     Under FSDP2 and DeepSpeed ZeRO this is a collective (each parameter is gathered): call it on every rank. A
     gathered tensor of another shape than the parameter's (ZeRO-3's empty local storage, saved as the 40-byte adapter
     file of a known ZeRO-3 + PEFT failure) is an error here, not a silently empty adapter.
@@ -197,13 +215,10 @@ def gathered_adapter_state_dict(
         if module not in modules:
             continue
         value = _gathered(access, key, param)
-        rank = ranks[module]
-        if ".lora_A." in key:
-            value = value[:rank]
-        else:
-            value = value[:, :rank]
-            if modules[module] is not None:
-                value = value * modules[module]
+        rank, num_experts = ranks[module], (experts or {}).get(module, 1)
+        value = first_rank(value, "A" if ".lora_A." in key else "B", rank, num_experts)
+        if ".lora_B." in key and modules[module] is not None:
+            value = value * modules[module]
         gathered[key] = value.contiguous()
     missing = sorted(set(modules) - {key[len(prefix) :].split(".lora_", 1)[0] for key in gathered})
     if missing:

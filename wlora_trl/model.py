@@ -37,8 +37,6 @@ import weakref
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -46,75 +44,16 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import WeightLoraConfig
 from .distributed import check_ranks_agree
-from .masking import (
-    PLAIN_ACCESS,
-    ParameterAccess,
-    all_reduce_mean,
-    gathered_adapter_state_dict,
-    is_sharded,
-    mask_adapter,
-    preallocate_double_rank,
-    reinit_in_place,
-)
+from .masking import PLAIN_ACCESS, ParameterAccess, all_reduce_mean, gathered_adapter_state_dict, is_sharded
 from .selection import OUTCOMES, SKIPPED_NONFINITE, SKIPPED_WITH_OPTIMIZER, STEP_TAKEN, OmegaGates, stoiht_step
 from .state import AdapterRecord, SelectionReport, switch_summary
-from .surgery import (
-    adapter_parameters,
-    alpha_for_rank,
-    drop_adapter,
-    freeze_adapter_bias,
-    rebuild_adapter,
-    retarget_optimizer,
-    stock_lora_config,
-)
+from .surgery import retarget_optimizer, stock_lora_config
+from .units import LinearUnit, Unit, selectable_units
 
 logger = logging.getLogger(__name__)
 
 
 SWITCHED_MARK = "_weight_lora_switched"  # set on a PeftModel by the switch
-
-
-def selectable_layers(base: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
-    """The LoRA layers WeightLoRA selects among, in module order: plain LoRA on linear (and GPT-2 Conv1D) modules.
-
-    Refuses, before any training, adapters it cannot gate, drop and export correctly, naming the target_modules to
-    use instead: LoRA on embeddings (also added by `ensure_weight_tying=True` for a tied lm_head), which the
-    selection would skip while they keep training and the export leaves out; LoRA on parameters
-    (`target_parameters`, which PEFT adds by itself for mixture-of-experts models with `target_modules="all-linear"`);
-    and LoRA on other layer types (convolutions).
-    """
-    selectable, embeddings, parameters, others = [], [], [], []
-    for name, module in base.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        if isinstance(module, ParamWrapper):
-            if adapter_name in module.lora_A and not name.endswith(".base_layer"):  # nested: list the outer one
-                parameters.append(name)
-        elif adapter_name in getattr(module, "lora_embedding_A", {}):
-            embeddings.append(name)
-        elif adapter_name in module.lora_A:
-            (selectable if type(module.lora_A[adapter_name]) is nn.Linear else others).append((name, module))
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in selectable})
-    instead = f" Use target_modules={suffixes} (the linear layers adapted now)." if suffixes else ""
-    if parameters:
-        raise ValueError(
-            f"WeightLoRA cannot select adapters on parameters ({_few(parameters)}): PEFT adds them as "
-            "target_parameters, for example for the experts and routers of mixture-of-experts models when "
-            f"target_modules='all-linear'.{instead} Expert weights then stay frozen."
-        )
-    if embeddings:
-        raise ValueError(
-            f"WeightLoRA cannot select LoRA adapters on embedding layers ({_few(embeddings)}): remove them from "
-            "target_modules, and drop ensure_weight_tying=True, which adds the input embedding when a tied lm_head is "
-            f"targeted.{instead} To train an embedding fully, list it in modules_to_save."
-        )
-    if others:
-        kinds = sorted({type(module).__name__ for _, module in others})
-        raise ValueError(
-            f"WeightLoRA selects LoRA adapters on linear layers only; {_few([n for n, _ in others])} are {kinds}."
-            f"{instead}"
-        )
-    return selectable
 
 
 class _OmegaOptimizerGuard:
@@ -268,20 +207,25 @@ class WeightLoraModel:
         self.model = model
         self.config: WeightLoraConfig = config
         self.base = model.base_model.model  # PEFT's module names (target_modules) are relative to this
-        layers = selectable_layers(self.base, self.adapter_name)
-        if not layers:
+        units = selectable_units(self.base, self.adapter_name)
+        if not units:
             raise ValueError(
-                "The model has no LoRA layers on linear modules, so there is nothing to select. Check "
+                "The model has no LoRA layers on linear modules or on parameters, so there is nothing to select. Check "
                 "target_modules (e.g. target_modules='all-linear')."
             )
-        self.module_names = [name for name, _ in layers]
-        # Each adapted layer's (in_features, out_features), recorded in selection.json for reports and exports.
-        self.shapes = {name: (int(layer.in_features), int(layer.out_features)) for name, layer in layers}
-        self.num_adapters = len(layers)
-        # Each adapter's rank and alpha during the warm-up (mask mode's WeightLoRA+ allocates 2r, computes r).
-        self.warmup_ranks = {name: int(layer.r[self.adapter_name]) for name, layer in layers}
-        self.warmup_alphas = {name: layer.lora_alpha[self.adapter_name] for name, layer in layers}
-        sharded = [name for name, layer in layers if any(map(is_sharded, adapter_parameters(layer, self.adapter_name)))]
+        # The selectable units (`wlora_trl.units`), in module order: unit i is gated by omega[i]. A linear adapter, or
+        # an experts block / router of a mixture-of-experts model (LoRA on its parameters).
+        self.units: list[Unit] = units
+        self.module_names = [unit.name for unit in units]
+        self._units_by_name = {unit.name: unit for unit in units}
+        # Each linear adapter's (in_features, out_features), recorded in selection.json for reports and exports (units
+        # on parameters record their parameters' shapes: `Unit.record`).
+        self.shapes = {u.name: (u.in_features, u.out_features) for u in units if isinstance(u, LinearUnit)}
+        self.num_adapters = len(units)
+        # Each unit's rank and alpha during the warm-up (mask mode's WeightLoRA+ allocates 2r, computes r).
+        self.warmup_ranks = {unit.name: unit.warmup_rank for unit in units}
+        self.warmup_alphas = {unit.name: unit.warmup_alpha for unit in units}
+        sharded = [u.name for u in units if any(map(is_sharded, u.parameters(self.base, self.adapter_name)))]
         if sharded:
             raise ValueError(
                 f"The adapters are sharded already ({_few(sharded)}): make the WeightLoraModel (with mask_mode=True) "
@@ -289,8 +233,8 @@ class WeightLoraModel:
             )
         self.mask_mode = mask_mode
         if mask_mode and config.plus:
-            for _, layer in layers:
-                preallocate_double_rank(layer, self.adapter_name, config)
+            for unit in units:
+                unit.preallocate_double_rank(self.base, self.adapter_name, config)
         self.k = config.resolve_k(self.num_adapters)
         self.selection_steps: int | None = None
         self.switched = False
@@ -300,7 +244,7 @@ class WeightLoraModel:
         self._restored_counts = [0] * len(OUTCOMES)  # from a checkpoint
         if config.selection == "stoiht":
             # Mask mode: omega outside the model, so FSDP2 leaves it alone (see selection.py).
-            self.gates = OmegaGates(model, [module for _, module in layers], self.adapter_name, register=not mask_mode)
+            self.gates = OmegaGates(model, self.base, units, self.adapter_name, register=not mask_mode)
             self._outcome_counts = torch.zeros(len(OUTCOMES), dtype=torch.int64, device=self.omega.device)
             self._optimizer_guard = _OmegaOptimizerGuard(self)
         if max_steps is not None:
@@ -449,7 +393,7 @@ class WeightLoraModel:
 
         cfg = self.config
         replacements: dict[int, list[nn.Parameter]] = {}
-        infos, ranks, alphas = [], {}, {}
+        infos, ranks = [], {}
         # A private, seeded RNG stream: the result depends on `seed` only, is the same on every DDP rank, and
         # training randomness after the switch (dropout, data order) is what it would have been without it. PEFT
         # initialises new adapters on the CPU and then moves them to their layer's device, so the CPU generator is
@@ -457,28 +401,27 @@ class WeightLoraModel:
         # not restore here, and dropout after the switch would replay its masks from step 1.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            for index, name in enumerate(self.module_names):
-                layer: LoraLayer = self.base.get_submodule(name)
+            for index, unit in enumerate(self.units):
+                name = unit.name
                 if index not in kept_set:
                     # bias="lora_only": the layer's bias trained with its adapter; it is frozen with the adapter's
                     # removal (and exported as trained, see `bias_state_dict`), not left training on a plain layer.
-                    replacements.update({id(p): [] for p in freeze_adapter_bias(layer, cfg.bias)})
+                    replacements.update({id(p): [] for p in unit.freeze_bias(self.base, cfg.bias)})
                     if self.mask_mode:
-                        dropped = mask_adapter(layer, self.adapter_name, self.parameter_access)
+                        dropped = unit.mask(self.base, self.adapter_name, self.parameter_access)
                         replacements.update({id(p): [] for p in dropped})
                     else:
-                        replacements.update({id(p): [] for p in adapter_parameters(layer, self.adapter_name)})
-                        drop_adapter(self.base, name, self.adapter_name)
-                    infos.append(AdapterRecord(index, name, omega[index], False, 0, *self.shapes[name]))
+                        replacements.update({id(p): [] for p in unit.parameters(self.base, self.adapter_name)})
+                        unit.drop(self.base, self.adapter_name)
+                    infos.append(unit.record(index, omega[index], False, 0))
                     continue
                 factor = 1.0 if omega[index] is None else omega[index]
+                rank = 2 * unit.warmup_rank if cfg.plus else unit.warmup_rank
                 if self.mask_mode:
-                    # Rank and alpha are final already (WeightLoRA+ was allocated at 2r); the parameters stay.
-                    rank, alpha = layer.r[self.adapter_name], layer.lora_alpha[self.adapter_name]
-                    params = reinit_in_place(
-                        layer,
+                    # The rank is final already (WeightLoRA+ was allocated at 2r); the parameters stay.
+                    params = unit.reinit_in_place(
+                        self.base,
                         self.adapter_name,
-                        warmup_rank=self.warmup_ranks[name],
                         reinit=cfg.reinit,
                         omega=factor,
                         init_lora_weights=cfg.init_lora_weights,
@@ -486,19 +429,15 @@ class WeightLoraModel:
                     )
                     replacements.update({id(p): [p] for p in params})  # same place in the optimizer, fresh state
                 else:
-                    old_params = adapter_parameters(layer, self.adapter_name)
-                    old_rank = layer.r[self.adapter_name]
-                    rank = 2 * old_rank if cfg.plus else old_rank
-                    alpha = alpha_for_rank(layer.lora_alpha[self.adapter_name], old_rank, rank, cfg.use_rslora)
-                    rebuild_adapter(
-                        layer, self.adapter_name, cfg, rank=rank, alpha=alpha, reinit=cfg.reinit, omega=factor
-                    )
-                    for old, new in zip(old_params, adapter_parameters(layer, self.adapter_name)):
+                    old_params = unit.parameters(self.base, self.adapter_name)
+                    unit.rebuild(self.base, self.adapter_name, cfg, rank=rank, reinit=cfg.reinit, omega=factor)
+                    for old, new in zip(old_params, unit.parameters(self.base, self.adapter_name)):
                         replacements[id(old)] = [new]
-                ranks[name], alphas[name] = rank, alpha
-                infos.append(AdapterRecord(index, name, omega[index], True, rank, *self.shapes[name]))
+                ranks[name] = rank
+                infos.append(unit.record(index, omega[index], True, rank))
 
-        self.model.peft_config[self.adapter_name] = stock_lora_config(cfg, list(ranks), ranks, alphas)
+        kept_units = [unit for unit in self.units if unit.name in ranks]
+        self.model.peft_config[self.adapter_name] = stock_lora_config(cfg, kept_units, ranks)
         setattr(self.model, SWITCHED_MARK, True)
         if optimizer is not None:
             if self.mask_mode:
@@ -535,8 +474,7 @@ class WeightLoraModel:
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
             adapters = [
-                AdapterRecord(i, name, omega[i], False, self.warmup_ranks[name], *self.shapes[name])
-                for i, name in enumerate(self.module_names)
+                unit.record(i, omega[i], False, self.warmup_ranks[unit.name]) for i, unit in enumerate(self.units)
             ]
         cfg = self.config
         return SelectionReport(
@@ -559,13 +497,28 @@ class WeightLoraModel:
         after the switch the kept adapters; during the warm-up every adapter, omega folded into B. Under FSDP2
         a collective (each adapter is all-gathered): call it on every rank."""
         if self.switched:
-            kept = [a for a in self.adapters if a.kept]
-            modules, ranks = {a.module: None for a in kept}, {a.module: a.rank for a in kept}
+            kept = {a.module: a.rank for a in self.adapters if a.kept}
+            factors, ranks = dict.fromkeys(kept), kept
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
-            modules, ranks = dict(zip(self.module_names, omega)), self.warmup_ranks
-        adapters = gathered_adapter_state_dict(self.model, modules, self.adapter_name, ranks, self.parameter_access)
-        return {**adapters, **self.bias_state_dict()}
+            factors, ranks = dict(zip(self.module_names, omega)), self.warmup_ranks
+        return {**self._gathered(factors, ranks), **self.bias_state_dict()}
+
+    def _gathered(self, factors: dict[str, float | None], ranks: dict[str, int] | None) -> dict[str, torch.Tensor]:
+        """PEFT's file tensors of the units named in `factors` (unit name: factor on B), at unit rank `ranks[name]`
+        (None: as allocated), each unit's layers under the module names they have in the file (an experts block's
+        inner wrapper is `<name>.base_layer`)."""
+        modules, file_ranks, experts = {}, {}, {}
+        for name, factor in factors.items():
+            unit = self._units_by_name[name]
+            layer_ranks = (
+                unit.allocated_ranks(self.base, self.adapter_name) if ranks is None else unit.ranks_at(ranks[name])
+            )
+            for module, rank in zip(unit.file_modules, layer_ranks):
+                modules[module], file_ranks[module], experts[module] = factor, rank, unit.num_experts
+        return gathered_adapter_state_dict(
+            self.model, modules, self.adapter_name, file_ranks, self.parameter_access, experts=experts
+        )
 
     def bias_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained biases a stock adapter file must carry (full, on the CPU, PEFT's file keys): with
@@ -595,17 +548,18 @@ class WeightLoraModel:
     def warmup_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter's weights as they are (not folded, full allocated rank), in PEFT's file keys: what resuming
         a warm-up checkpoint loads back. A collective under FSDP2."""
-        ranks = {name: int(self.base.get_submodule(name).r[self.adapter_name]) for name in self.module_names}
-        adapters = gathered_adapter_state_dict(
-            self.model, dict.fromkeys(self.module_names), self.adapter_name, ranks, self.parameter_access
-        )
-        return {**adapters, **self.bias_state_dict()}
+        return {**self._gathered(dict.fromkeys(self.module_names), None), **self.bias_state_dict()}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every selectable unit's LoRA parameters (those the switch drops or re-initialises), in unit order."""
+        return [p for unit in self.units for p in unit.parameters(self.base, self.adapter_name)]
 
     def adapter_config(self) -> LoraConfig:
-        """The stock `LoraConfig` of `adapter_state_dict()` (exact module names; no WeightLoRA fields)."""
+        """The stock `LoraConfig` of `adapter_state_dict()` (exact module and parameter names; no WeightLoRA
+        fields)."""
         if self.switched:
             return copy.deepcopy(self.model.peft_config[self.adapter_name])
-        return stock_lora_config(self.config, self.module_names, self.warmup_ranks, self.warmup_alphas)
+        return stock_lora_config(self.config, self.units, self.warmup_ranks)
 
     def save_adapter(
         self,

@@ -44,8 +44,9 @@ def lora_config_from_selection(
     for WeightLoRA+) and `lora_alpha` the one the run's own export used (read from the folder's adapter_config.json),
     so stage 2 trains adapters of the same form. `r=` overrides the rank (alpha is then rescaled to keep alpha/r, or
     alpha/sqrt(r) with rsLoRA, unless `lora_alpha=` is given too); other keyword arguments go to `LoraConfig`
-    (`lora_dropout`, `task_type`, ...). `target_modules` lists the kept modules' full names, which PEFT matches
-    exactly on the same architecture.
+    (`lora_dropout`, `task_type`, ...). `target_modules` lists the kept linear modules' full names and
+    `target_parameters` the kept experts blocks' and routers' parameters, which PEFT matches exactly on the same
+    architecture.
     """
     if "target_modules" in lora_config_kwargs:
         raise TypeError("target_modules comes from the selection (the kept modules); it cannot be passed here.")
@@ -67,7 +68,11 @@ def _lora_config(report: SelectionReport, stage1: dict, r=None, lora_alpha=None,
         raise ValueError(f"the kept adapters have ranks {sorted(ranks)}; pass r= to choose one for stage 2.")
     rank = r if r is not None else ranks.pop()
     if lora_alpha is None:
-        if stage1.get("alpha_pattern") or stage1.get("rank_pattern"):
+        # Patterns that only give an experts block's parameters their multiple of its rank come from the record.
+        multiples = {
+            f"{a.module}.{name}" for a in kept for name, p in (a.parameters or {}).items() if p["rank_factor"] != 1
+        }
+        if set(stage1.get("alpha_pattern") or {}) - multiples or set(stage1.get("rank_pattern") or {}) - multiples:
             raise ValueError("the stage-1 adapter_config.json has rank or alpha patterns: pass r= and lora_alpha=.")
         if "lora_alpha" not in stage1:
             raise ValueError(
@@ -78,7 +83,29 @@ def _lora_config(report: SelectionReport, stage1: dict, r=None, lora_alpha=None,
         lora_alpha = alpha_for_rank(stage1["lora_alpha"], stage1["r"], rank, use_rslora)
     fields = {key: stage1[key] for key in _CARRIED if key in stage1}
     fields.update(lora_config_kwargs)
-    return LoraConfig(**{**fields, "r": rank, "lora_alpha": lora_alpha, "target_modules": [a.module for a in kept]})
+    modules = [a.module for a in kept if a.kind == "linear"]
+    parameters = [name for a in kept for name in a.target_parameters]
+    # An experts block's parameters at other multiples of its rank (PEFT's all-linear: a fused gate_up_proj at 2r).
+    patterns = {
+        f"{a.module}.{name}": shape["rank_factor"] * rank
+        for a in kept
+        for name, shape in (a.parameters or {}).items()
+        if shape["rank_factor"] != 1
+    }
+    use_rslora = bool(fields.get("use_rslora", False))
+    return LoraConfig(
+        **{
+            **fields,
+            "r": rank,
+            "lora_alpha": lora_alpha,
+            "target_modules": modules or (None if parameters else []),
+            "target_parameters": parameters or None,
+            "rank_pattern": patterns,
+            "alpha_pattern": {
+                name: alpha_for_rank(lora_alpha, rank, value, use_rslora) for name, value in patterns.items()
+            },
+        }
+    )
 
 
 def _stage1_config(selection: str | os.PathLike) -> dict:
@@ -112,7 +139,9 @@ def lora_targets_yaml(config: LoraConfig, report: SelectionReport, source: str) 
         *([f"lora_task_type: {task}"] if task else []),
         *(["lora_modules_to_save:", *[f"  - {m}" for m in config.modules_to_save]] if config.modules_to_save else []),
         "lora_target_modules:",
-        *[f"  - {name}" for name in names],
+        *[f"  - {name}" for name in names if name in (config.target_modules or ())],
+        *(["lora_target_parameters:", *[f"  - {name}" for name in config.target_parameters]]
+          if config.target_parameters else []),
         f"# LLaMA-Factory: finetuning_type: lora, lora_rank: {config.r}, lora_alpha: {alpha}, and",
         f"# lora_target: {','.join(names)}",
         "",

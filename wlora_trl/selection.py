@@ -1,5 +1,8 @@
 """omega, its gates on the LoRA adapters, and the StoIHT step that trains it.
 
+`OmegaGates` gives each selectable unit (`wlora_trl.units`) its omega and asks the unit to gate itself; what follows
+is the gate of a linear adapter (an experts block's is `units.OmegaGatedParamWrapper`, on B).
+
 During the selection phase adapter i computes `scaling * B((omega_i * A)(dropout(x)))`, which is the paper's
 `omega_i * scaling * B(A(dropout(x)))`. The gate scales the weight of `lora_A` (r x in_features), not an activation:
 for the warm-up each `lora_A` becomes an `OmegaGatedLinear` (a class swap on the same module object, so its
@@ -112,38 +115,51 @@ class DetachedOmegaGatedLinear(OmegaGatedLinear):
         return super().forward(input)
 
 
-class OmegaGates:
-    """omega (ones at start) and its gates on the `lora_A` of each LoRA layer, in adapter order.
+def gate_lora_a(module: nn.Linear, omega: nn.Parameter, detached: bool) -> None:
+    """Put the gate on one adapter's `lora_A` (a class swap: same object, same parameters)."""
+    if type(module) is not nn.Linear:
+        raise TypeError(f"WeightLoRA gates plain nn.Linear lora_A modules; this model's is a {type(module).__name__}.")
+    module.__class__ = DetachedOmegaGatedLinear if detached else OmegaGatedLinear
+    module.__dict__["omega_gate"] = omega
 
-    Each adapter's omega_i is a 0-d fp32 parameter of its own on its adapter's device: a model spread over devices
-    needs no copies in the forward, and each omega_i is used in exactly one module, so with reentrant gradient
-    checkpointing under DDP its gradient is accumulated once per backward (one omega vector used in every
-    checkpointed layer is "marked ready twice"). The StoIHT step works on the whole vector: `values` stacks the
-    parameters (one kernel per device), `assign` writes them back (one foreach copy per device). The parameters are
-    only ever read and written through their objects, so `.to()`, DDP's broadcasts or a checkpoint load, which may
-    replace a parameter's storage, cannot detach omega from its gates.
+
+def ungate_lora_a(module: nn.Linear) -> None:
+    module.__class__ = nn.Linear
+    module.__dict__.pop("omega_gate", None)
+
+
+class OmegaGates:
+    """omega (ones at start) and its gates on each selectable unit, in unit order (`wlora_trl.units`: a linear
+    adapter is gated on its `lora_A`, an experts block on its wrappers' `lora_B`).
+
+    Each unit's omega_i is a 0-d fp32 parameter of its own on its adapter's device: a model spread over devices
+    needs no copies in the forward, and each omega_i is used in one unit only (an experts block's two wrappers sit
+    in one decoder layer), so with reentrant gradient checkpointing under DDP its gradient is accumulated once per
+    backward (one omega vector used in every checkpointed layer is "marked ready twice"). The StoIHT step works on
+    the whole vector: `values` stacks the parameters (one kernel per device), `assign` writes them back (one foreach
+    copy per device). The parameters are only ever read and written through their objects, so `.to()`, DDP's
+    broadcasts or a checkpoint load, which may replace a parameter's storage, cannot detach omega from its gates.
     """
 
-    def __init__(self, owner: nn.Module, layers: list[nn.Module], adapter_name: str, register: bool = True) -> None:
+    def __init__(
+        self, owner: nn.Module, base: nn.Module, units: list, adapter_name: str, register: bool = True
+    ) -> None:
         self.owner = owner if register else None
+        self.base = base
+        self.units = list(units)
         self.adapter_name = adapter_name
-        self.modules: list[nn.Linear] = [layer.lora_A[adapter_name] for layer in layers]
-        for module in self.modules:
-            if type(module) is not nn.Linear:
-                raise TypeError(
-                    f"WeightLoRA gates plain nn.Linear lora_A modules; this model's is a {type(module).__name__}."
-                )
         # On the CPU for an adapter still on the meta device (a rank that loads its weights later); a detached omega
         # follows its adapter at the first forward.
         self.parameters = nn.ParameterList(
-            [nn.Parameter(torch.ones((), dtype=torch.float32, device=_real(m.weight.device))) for m in self.modules]
+            [
+                nn.Parameter(torch.ones((), dtype=torch.float32, device=_real(unit.device(base, adapter_name))))
+                for unit in self.units
+            ]
         )
         if register:
             owner.add_module(OMEGA_PARAMETER_NAME, self.parameters)
-        gate_class = OmegaGatedLinear if register else DetachedOmegaGatedLinear
-        for module, parameter in zip(self.modules, self.parameters):
-            module.__class__ = gate_class
-            module.__dict__["omega_gate"] = parameter
+        for unit, parameter in zip(self.units, self.parameters):
+            unit.gate(base, adapter_name, parameter, detached=not register)
 
     @property
     def device(self) -> torch.device:
@@ -182,10 +198,9 @@ class OmegaGates:
         return torch.stack([zero if g is None else g.to(self.device) for g in grads])
 
     def remove(self) -> None:
-        """Take the gates off (every `lora_A` is a plain nn.Linear again) and omega off the model: plain LoRA."""
-        for module in self.modules:
-            module.__class__ = nn.Linear
-            module.__dict__.pop("omega_gate", None)
+        """Take the gates off (every unit computes plain LoRA again) and omega off the model."""
+        for unit in self.units:
+            unit.ungate(self.base, self.adapter_name)
         if self.owner is not None:
             delattr(self.owner, OMEGA_PARAMETER_NAME)
 

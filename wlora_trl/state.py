@@ -4,8 +4,9 @@ It is the run's transparency report (n, K, T, every adapter's module, final omeg
 switch) and the state a checkpoint resumes from: omega's fp32 values survive the JSON round trip exactly.
 `SelectionReport` / `AdapterRecord` are its one typed form; `write_selection` / `read_selection` its only writer and
 reader. Format versions: 1 added `format_version`, `wlora_trl_version` and `omega_steps`; 2 adds each adapter's
-`in_features` / `out_features` (what a report or a padded export needs without the base model). Older files still
-read and resume.
+`in_features` / `out_features` (what a report or a padded export needs without the base model); 3 adds units on
+parameters (experts blocks and routers of mixture-of-experts models: `kind`, `num_experts`, `parameters`; linear
+adapters are written as in format 2). Older files still read and resume.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ import os
 from dataclasses import dataclass, field
 
 SELECTION_FILE = "selection.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
 class AdapterRecord:
-    """One adapter's fate: its index and module, final omega (None without omega), whether kept, rank after the
-    switch (its rank before it, until the switch; 0 when dropped), and its layer's shape (None in files before v2)."""
+    """One selectable unit's fate (`wlora_trl.units`): its index and module, final omega (None without omega),
+    whether kept, rank after the switch (its rank before it, until the switch; 0 when dropped), and its shape.
+
+    `kind` is "linear" (one LoRA adapter on a linear module; `in_features` / `out_features` are its shape, None in
+    files before v2), "experts" (an experts block: the adapters on the `num_experts` experts' parameters of one
+    module) or "parameter" (LoRA on one 2-D parameter, such as a router's `gate.weight`; `num_experts` 1). Those two
+    record `parameters` = {parameter name: {"in_features", "out_features" (of one expert), "rank_factor"}}, innermost
+    wrapper first; a parameter's rank is `rank_factor * rank` (PEFT's `all-linear` gives a fused gate_up_proj 2r)."""
 
     index: int
     module: str
@@ -31,12 +38,38 @@ class AdapterRecord:
     rank: int
     in_features: int | None = None
     out_features: int | None = None
+    kind: str = "linear"
+    num_experts: int | None = None
+    parameters: dict[str, dict[str, int]] | None = None
+
+    @property
+    def shape_known(self) -> bool:
+        return self.parameters is not None if self.kind != "linear" else self.in_features is not None
+
+    def numel(self, rank: int | None = None) -> int:
+        """Its LoRA parameters at (unit) rank `rank`, its own by default; needs `shape_known`."""
+        rank = self.rank if rank is None else rank
+        if self.kind == "linear":
+            return rank * (self.in_features + self.out_features)
+        return (self.num_experts or 1) * sum(
+            p["rank_factor"] * rank * (p["in_features"] + p["out_features"]) for p in self.parameters.values()
+        )
+
+    @property
+    def target_parameters(self) -> list[str]:
+        """Its full parameter names, as a stock `LoraConfig`'s `target_parameters` (none for a linear adapter)."""
+        return [f"{self.module}.{name}" for name in self.parameters or {}]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.kind == "linear":  # the fields of format 2, unchanged for linear adapters
+            for key in ("kind", "num_experts", "parameters"):
+                data.pop(key)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterRecord:
+        parameters = data.get("parameters")
         return cls(
             index=int(data["index"]),
             module=data["module"],
@@ -45,6 +78,9 @@ class AdapterRecord:
             rank=int(data["rank"]),
             in_features=data.get("in_features"),
             out_features=data.get("out_features"),
+            kind=data.get("kind", "linear"),
+            num_experts=data.get("num_experts"),
+            parameters={name: dict(shape) for name, shape in parameters.items()} if parameters is not None else None,
         )
 
 

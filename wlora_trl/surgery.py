@@ -1,7 +1,7 @@
 """The switch at step T, as operations on a PEFT LoRA model and on an optimizer.
 
 - `drop_adapter` turns an adapted module back into its base layer: no LoRA parameters, no compute (other, frozen
-  adapters of the layer stay).
+  adapters of the layer stay). Each unit kind (`wlora_trl.units`) applies these to its own layers.
 - `rebuild_adapter` gives a kept adapter its post-switch form: re-initialised (A random, B zero) or with omega
   folded into B, at rank r or, for WeightLoRA+, 2r.
 - `stock_lora_config` writes the result as a plain `peft.LoraConfig`, so the saved adapter loads with stock PEFT.
@@ -59,6 +59,24 @@ def adapter_parameters(layer: LoraLayer, adapter_name: str) -> list[nn.Parameter
     return list(layer.lora_A[adapter_name].parameters()) + list(layer.lora_B[adapter_name].parameters())
 
 
+def rank_view_a(weight: torch.Tensor, num_experts: int = 1) -> torch.Tensor:
+    """`lora_A`'s weight (r * E, in) as (E, r, in): PEFT's layout for E experts (expert outer); (1, r, in) for a
+    plain adapter."""
+    return weight.view(num_experts, -1, weight.shape[-1])
+
+
+def rank_view_b(weight: torch.Tensor, num_experts: int = 1) -> torch.Tensor:
+    """`lora_B`'s weight (out, r * E) as (out, r, E): PEFT's layout for E experts (expert inner)."""
+    return weight.view(weight.shape[0], -1, num_experts)
+
+
+def first_rank(weight: torch.Tensor, which: str, rank: int, num_experts: int = 1) -> torch.Tensor:
+    """The first `rank` of an adapter's A ("A") or B ("B") weight, per expert: what a rank-`rank` adapter holds."""
+    if which == "A":
+        return rank_view_a(weight, num_experts)[:, :rank].reshape(num_experts * rank, weight.shape[-1])
+    return rank_view_b(weight, num_experts)[:, :rank].reshape(weight.shape[0], rank * num_experts)
+
+
 @torch.no_grad()
 def rebuild_adapter(
     layer: LoraLayer,
@@ -69,12 +87,14 @@ def rebuild_adapter(
     alpha: float,
     reinit: bool,
     omega: float,
+    num_experts: int = 1,
 ) -> None:
     """Give one kept adapter its post-switch form.
 
     `reinit=True`: a fresh adapter of `rank` (PEFT's own initialisation: A random, B zero).
     `reinit=False`: the trained A and B stay, omega is folded into B, and extra rank (WeightLoRA+) is added as
-    fresh rows of A and zero columns of B; the caller keeps alpha/r constant, so the function is unchanged.
+    fresh rows of A and zero columns of B (per expert, for an experts `ParamWrapper` of `num_experts`); the caller
+    keeps alpha/r constant, so the function is unchanged.
     The adapter keeps the dtype it had (PEFT would create it in the base layer's dtype, wrong for 8-bit bases).
     """
     old_a = layer.lora_A[adapter_name].weight.detach().clone()
@@ -85,32 +105,42 @@ def rebuild_adapter(
     new_a.data = new_a.data.to(dtype)
     new_b.data = new_b.data.to(dtype)
     if not reinit:
-        old_rank = old_a.shape[0]
-        new_a[:old_rank].copy_(old_a)
-        new_b[:, :old_rank].copy_(old_b * omega)
+        old_rank = old_a.shape[0] // num_experts
+        rank_view_a(new_a, num_experts)[:, :old_rank].copy_(rank_view_a(old_a, num_experts))
+        rank_view_b(new_b, num_experts)[:, :old_rank].copy_(rank_view_b(old_b, num_experts) * omega)
 
 
-def stock_lora_config(
-    config: LoraConfig, kept_modules: Iterable[str], ranks: Mapping[str, int], alphas: Mapping[str, float]
-) -> LoraConfig:
-    """A plain `LoraConfig` (none of WeightLoRA's fields) describing exactly the kept adapters.
+def stock_lora_config(config: LoraConfig, kept_units: Iterable, ranks: Mapping[str, int]) -> LoraConfig:
+    """A plain `LoraConfig` (none of WeightLoRA's fields) describing exactly the kept units (`wlora_trl.units`),
+    `ranks` giving each one's rank by name.
 
-    `target_modules` lists the kept modules' full names; the most common rank and alpha become `r` and
-    `lora_alpha`, and `rank_pattern` / `alpha_pattern` name the modules that differ (none in the usual case).
+    `target_modules` lists the kept linear modules' full names, `target_parameters` the kept experts' and routers'
+    full parameter names (None when there are none); the most common rank and alpha become `r` and `lora_alpha`, and
+    `rank_pattern` / `alpha_pattern` name the modules (or parameters) that differ (an experts block's fused
+    gate_up_proj at 2r, from PEFT's `all-linear`; otherwise none in the usual case).
     """
-    kept = list(kept_modules)
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    targets: dict[str, list[str]] = {"target_modules": [], "target_parameters": []}
+    shapes: dict[str, tuple[int, float]] = {}
+    for unit in kept_units:
+        for field, named in unit.targets_at(ranks[unit.name], config.use_rslora).items():
+            targets[field].extend(named)
+            shapes.update(named)
+    all_ranks = [rank for rank, _ in shapes.values()]
+    all_alphas = [alpha for _, alpha in shapes.values()]
+    r = max(set(all_ranks), key=all_ranks.count) if all_ranks else config.r
+    alpha = max(set(all_alphas), key=all_alphas.count) if all_alphas else config.lora_alpha
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
     fields.update(
-        target_modules=kept,
+        # PEFT takes target_modules=None with target_parameters (an adapter on experts only), not an empty list.
+        target_modules=targets["target_modules"] or (None if targets["target_parameters"] else []),
+        target_parameters=targets["target_parameters"] or None,
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
         r=r,
         lora_alpha=alpha,
-        rank_pattern={name: ranks[name] for name in kept if ranks[name] != r},
-        alpha_pattern={name: alphas[name] for name in kept if alphas[name] != alpha},
+        rank_pattern={name: rank for name, (rank, _) in shapes.items() if rank != r},
+        alpha_pattern={name: a for name, (_, a) in shapes.items() if a != alpha},
     )
     return LoraConfig(**fields)
 

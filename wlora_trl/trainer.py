@@ -35,6 +35,7 @@ structure).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -56,7 +57,7 @@ from .export import WARMUP_STATE_FILE, finish_adapter_file, restore_warmup_weigh
 from .model import WeightLoraModel
 from .saving import write_selection_files
 from .state import SelectionReport, kept_per_projection, read_selection
-from .surgery import adapter_parameters, innermost_optimizer
+from .surgery import innermost_optimizer
 from .trackers import log_heatmap_to_trackers
 from .zero import ZeroParameterAccess, check_deepspeed_args, check_deepspeed_plugin, separate_adapter_groups
 
@@ -77,6 +78,24 @@ def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
             f"peft_config is a {type(peft_config).__name__}; WeightLoRA needs wlora_trl.WeightLoraConfig, a drop-in "
             "for peft.LoraConfig that takes the same arguments plus k, selection_steps, omega_lr, plus, reinit."
         )
+
+
+@contextlib.contextmanager
+def _explained_peft_errors():
+    """PEFT's refusals while it wraps the model, with what to change: with `target_modules="all-linear"` PEFT adapts
+    the experts (and routers) of the mixture-of-experts families it maps as parameters, whose wrapper cannot apply
+    lora_dropout."""
+    try:
+        yield
+    except ValueError as err:
+        if "ParamWrapper does not work with lora_dropout" not in str(err):
+            raise
+        raise ValueError(
+            "PEFT adapts this model's expert (and router) weights as parameters: target_modules='all-linear' adds them "
+            "for mixture-of-experts families such as Mixtral, Qwen3-MoE and OLMoE, or target_parameters names them. "
+            "LoRA on parameters cannot apply dropout: set lora_dropout=0 in the WeightLoraConfig (or list the linear "
+            "target_modules explicitly to leave the experts frozen)."
+        ) from err
 
 
 RESUME_HINT = "Resume from a checkpoint of the same WeightLoRA run (each one holds a selection.json)."
@@ -154,7 +173,8 @@ class WeightLoraMixin:
         _check_training_args(given.get("args"))
         if given.get("model_init") is None:
             _check_peft_config(given.get("peft_config"), given.get("model"))
-        super().__init__(*args, **kwargs)
+        with _explained_peft_errors():  # TRL's trainers wrap the model themselves
+            super().__init__(*args, **kwargs)
         self._setup_weight_lora()
 
     def _setup_weight_lora(self) -> None:
@@ -219,12 +239,7 @@ class WeightLoraMixin:
             # The optimizer DeepSpeed will wrap (omega is not a model parameter in mask mode). ZeRO steps it once per
             # sub-group, so omega's step cannot hang on it: it runs in training_step. Adapters get parameter groups
             # of their own, so the switch can start their Adam state afresh exactly (wlora_trl.zero).
-            adapters = [
-                p
-                for name in weight_lora.module_names
-                for p in adapter_parameters(weight_lora.base.get_submodule(name), weight_lora.adapter_name)
-            ]
-            separate_adapter_groups(innermost_optimizer(optimizer), adapters)
+            separate_adapter_groups(innermost_optimizer(optimizer), weight_lora.adapter_parameters())
             return optimizer
         if omega:
             inner = innermost_optimizer(optimizer)
@@ -581,7 +596,8 @@ class WeightLoraTrainer(WeightLoraMixin, Trainer):
                 # The Trainer seeds in its __init__, after this: seed first, as it would, so that `args.seed` (not
                 # whatever the script drew before) decides the adapters' initialisation, hence the selection.
                 seed_as_the_trainer_does(args)
-                model = get_peft_model(model, peft_config)
+                with _explained_peft_errors():
+                    model = get_peft_model(model, peft_config)
         super().__init__(model, args, *trainer_args, **kwargs)
 
     def call_model_init(self, trial=None):

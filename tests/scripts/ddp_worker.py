@@ -17,7 +17,7 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama  # noqa: E402
+from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama, tiny_qwen3_moe  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer  # noqa: E402
 
 
@@ -51,6 +51,7 @@ def main() -> None:
         default=None,
         help="simulate a lost DDP wrapper: from this step on the ranks train without synchronising",
     )
+    parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE: experts blocks and routers are units")
     cli = parser.parse_args()
 
     cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=4)
@@ -72,7 +73,7 @@ def main() -> None:
         **extra,
     )
     trainer = SequentialTrainer(
-        tiny_llama(),
+        tiny_qwen3_moe() if cli.moe else tiny_llama(),
         args,
         train_dataset=addition_lm_dataset(),
         peft_config=cfg,

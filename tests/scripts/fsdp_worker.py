@@ -26,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.testing_utils import tiny_llama  # noqa: E402
+from tests.testing_utils import tiny_llama, tiny_qwen3_moe  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
 from wlora_trl.masking import is_sharded  # noqa: E402
 from wlora_trl.state import read_selection, write_selection  # noqa: E402
@@ -35,11 +35,14 @@ R, T, STEPS, GLOBAL_BATCH = 4, 3, 8, 4
 PROBE = torch.arange(3, 35).reshape(2, 16)
 
 
+MOE = False  # --moe: a tiny Qwen3-MoE, whose experts blocks and routers are units too
+
+
 def make_model(plus=False, keep=False):
     config = WeightLoraConfig(
         r=R, lora_alpha=8, target_modules="all-linear", selection_steps=T, plus=plus, reinit=not keep
     )
-    return get_peft_model(tiny_llama(seed=0), config)
+    return get_peft_model(tiny_qwen3_moe(seed=0) if MOE else tiny_llama(seed=0), config)
 
 
 def shard(model, bf16=False):
@@ -83,7 +86,10 @@ def main() -> None:
     parser.add_argument("--stop_after", type=int, default=STEPS)
     parser.add_argument("--resume", help="continue from this checkpoint")
     parser.add_argument("--bf16_params", action="store_true", help="FSDP2 mixed precision: bf16 parameters")
+    parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE instead of the Llama")
     args = parser.parse_args()
+    global MOE
+    MOE = args.moe
     out = Path(args.out)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -144,7 +150,7 @@ def main() -> None:
             weight_lora.switch(optimizer, seed=0)
             record["kept"] = [a.module for a in weight_lora.adapters if a.kept]
             record["optimizer_params"] = sum(len(group["params"]) for group in optimizer.param_groups)
-            record["gates_left"] = sum(type(m).__name__.endswith("OmegaGatedLinear") for m in model.modules())
+            record["gates_left"] = sum("OmegaGated" in type(m).__name__ for m in model.modules())
             record["omega_in_state_dict"] = any("omega" in key for key in model.state_dict())
     if args.checkpoint:
         model_state, optimizer_state = get_state_dict(model, optimizer)

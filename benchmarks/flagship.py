@@ -63,6 +63,48 @@ def run(launcher: str, output_dir: Path, extra: list[str]) -> dict:
     }
 
 
+LABELS = {"accelerate_launch": "`accelerate launch`", "python": "`python`"}
+
+
+def _metric(phase: dict | None, key: str) -> str:
+    if phase is None or phase.get(key) is None:
+        return "-"
+    value = phase[key]
+    if isinstance(value, dict):  # exact match and answer format: {"value", "count", "total"}
+        return f"{value['count']}/{value['total']}"
+    return f"{value:.1%}" if key == "heldout_token_accuracy" else f"{value:.4f}"
+
+
+def render(result: dict) -> str:
+    """The quickstart's "expected output" table: each launcher's before/after metrics and its wall times."""
+    runs = result["runs"]
+    machine = result["machine"]
+    precision = "bf16 autocast" if machine["native_bf16"] else "fp32 (no native bf16)"
+    header = " | ".join(f"{LABELS[name]} before | after" for name in runs)
+    lines = [
+        f"Measured by `python benchmarks/flagship.py` on {result['date']}: {machine['cpus']} cores of "
+        f"{machine['processor']}, {precision}.",
+        "",
+        f"| metric | {header} |",
+        "|---|" + "---:|---:|" * len(runs),
+    ]
+    rows = [
+        ("held-out loss (answer tokens)", "heldout_loss"),
+        ("held-out next-token accuracy", "heldout_token_accuracy"),
+        ("exact match (greedy)", "exact_match"),
+        ("answers ending in '#### N'", "answer_format"),
+    ]
+    for label, key in rows:
+        cells = " | ".join(f"{_metric(run['before'], key)} | {_metric(run['after'], key)}" for run in runs.values())
+        lines.append(f"| {label} | {cells} |")
+    lines += ["", "| seconds | " + " | ".join(LABELS[name] for name in runs) + " |", "|---|" + "---:|" * len(runs)]
+    for label, key in (("setup", "setup"), ("evaluation before", "eval_before"), ("training", "train"),
+                       ("evaluation after", "eval_after")):  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(f"{run['timings_s'][key]:.0f}" for run in runs.values()) + " |")
+    lines.append("| the whole process | " + " | ".join(f"{run['process_wall_s']:.0f}" for run in runs.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max_steps", type=int, help="a shorter run (default: the recipe's own)")
@@ -98,7 +140,9 @@ def main() -> None:
         )
     name = f"flagship_steps{args.max_steps}.json" if args.max_steps else "flagship.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    (RESULTS / name).with_suffix(".md").write_text(render(result))
+    print(render(result))
+    print(f"wrote {RESULTS / name} and its .md")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 
 Every run is the classification recipe (`wlora_trl.recipes.classify`, in a fresh process each, so its peak resident
 memory is the run's own) on all-MiniLM-L6-v2, adapters on every linear layer of its 6 transformer layers (n = 36),
-rank r = 8, alpha 2r, dropout 0.05, the head in `modules_to_save`, AdamW with linear decay after a 6% warm-up, bf16
-autocast where the CPU has it, the task's official metric on its full validation split. Per task the steps, batch
+rank r = 8, alpha 2r, dropout 0.05, the head in `modules_to_save`, AdamW with linear decay after a 6% warm-up, fp32
+on every machine (bf16 autocast only where a CPU has it natively would mix precisions across sittings), the task's
+official metric on its full validation split. Per task the steps, batch
 and seeds are fixed (TASK_PLANS); the arms differ only in how they spend the ranks:
   lora             plain LoRA on all n modules, n*r ranks (the baseline every difference is paired with)
   weightlora       WeightLoRA, K = n/2 adapters of rank r kept after T steps (the paper), n*r/2 ranks
@@ -186,6 +187,9 @@ def run_argv(args, task: str, learning_rate: float, r: int, flags: list[str], se
         "--max_length", str(args.max_length), "--lora_r", str(r), "--lora_alpha", str(2 * r),
         "--selection_steps", args.selection_steps, "--eval_before", "false", "--save_strategy", "no",
         "--report_to", "none", "--logging_steps", "50", "--disable_tqdm", "true",
+        # fp32 whatever the CPU: the recipe's default (bf16 autocast where the CPU has native bf16) would make the
+        # records of a study that spans sittings, and machines, differ in precision as well as in speed.
+        "--bf16", "false",
     ]  # fmt: skip
     if args.train_samples:
         argv += ["--max_train_samples", str(args.train_samples)]

@@ -474,3 +474,23 @@ def test_trainers_page_shows_the_committed_dpo_reinit_run():
     assert f"T = {t}, {seeds} seeds" in prose(text)
     # The claim the page makes of the committed runs: with reinit=True step T+1 restarts at ln 2, on every seed.
     assert all(abs(run["loss_at_T+1"] - committed["ln2"]) < 1e-6 for run in committed["runs"][f"reinit_T{t}_plus5"])
+
+
+def test_the_quickstart_shows_the_flagship_run_as_measured():
+    """The flagship's expected output and wall times (docs/source/quickstart.md) are `benchmarks/flagship.py`'s
+    table of its committed JSON, and the switch line is the one that run printed."""
+    flagship = load_module(REPO / "benchmarks" / "flagship.py", "flagship")
+    measured = result("flagship.json")
+    table = flagship.render(measured)
+    assert (RESULTS / "flagship.md").read_text() == table
+    assert table in page("quickstart"), "docs/source/quickstart.md: paste benchmarks/results/flagship.md"
+    switch = measured["runs"]["accelerate_launch"]["switch_line"]
+    assert switch and f"`{switch}`" in page("quickstart")
+    # Both launchers train the same run: the recipe gives a CPU process the machine's cores under accelerate launch.
+    runs = measured["runs"]
+    assert runs["accelerate_launch"]["after"]["heldout_loss"] == pytest.approx(runs["python"]["after"]["heldout_loss"])
+    assert (
+        "uses 2 threads instead" in runs["accelerate_launch"]["threads_line"] and runs["python"]["threads_line"] is None
+    )
+    ratio = measured["train_time_ratio_accelerate_over_python"]
+    assert f"trained {ratio:.2f}x longer than the `python` one" in prose(page("quickstart"))

@@ -130,11 +130,11 @@ class HookGate:
 def use_hook_gates(weight_lora: WeightLoraModel):
     """Swap the current gates for v0.1's: one omega vector and a forward hook per lora_A. Returns its StoIHT step."""
     gates = weight_lora.gates
-    omega = torch.nn.Parameter(torch.ones(len(gates.modules), device=gates.device))
-    for index, module in enumerate(gates.modules):
-        module.__class__ = torch.nn.Linear
-        module.__dict__.pop("omega_gate")
-        module.register_forward_hook(HookGate(omega, index))
+    omega = torch.nn.Parameter(torch.ones(len(gates.units), device=gates.device))
+    for index, unit in enumerate(gates.units):  # linear adapters only (the benchmark's Llama shapes)
+        unit.ungate(gates.base, gates.adapter_name)
+        (layer,) = unit.layers(gates.base)
+        layer.lora_A[gates.adapter_name].register_forward_hook(HookGate(omega, index))
 
     def omega_step():
         stoiht_step(omega, omega.grad, weight_lora.config.omega_lr, weight_lora.k)

@@ -536,8 +536,8 @@ def test_omega_and_activations_on_different_devices(cuda, omega_on):
     devices = {p.device.type for n, p in spread_model.named_parameters() if "lora_" in n}
     assert devices == {"cpu", "cuda"} and spread_wl.omega.device.type == omega_on
     # each adapter's omega entry lives on its adapter's device: no copies in the forward
-    for parameter, module in zip(spread_wl.omega_parameters(), spread_wl.gates.modules):
-        assert parameter.device == module.weight.device
+    for parameter, unit in zip(spread_wl.omega_parameters(), spread_wl.gates.units):
+        assert parameter.device == unit.device(spread_wl.base, spread_wl.adapter_name)
     grads = {}
     for name, (peft_model, weight_lora) in models.items():
         ids = IDS.to(next(peft_model.parameters()).device)

@@ -1,6 +1,6 @@
 """GLUE on an encoder: WeightLoRA, WeightLoRA+, random selection, AdaLoRA and EVA against LoRA, side by side.
 
-    python benchmarks/glue.py                   # the whole study (about 5.5 h on 2 cores), resumable across sittings
+    python benchmarks/glue.py                   # the whole study (about 9.6 h on 2 cores, fp32), resumable across sittings
     python benchmarks/glue.py --no_train        # the tables of what is recorded, and the runs still to go
     touch outputs/glue/STOP                     # end a sitting after the run in progress
 
@@ -54,6 +54,11 @@ SST-2). Fixed costs per run: 15-20 s to start Python and load the libraries and 
 rows 6-11 s, others 1-2 s), and the evaluation on the full validation split (1 thread: SST-2 8.5 s, CoLA 4 s, MRPC 4-8
 s, RTE 9 s). Peak RSS is 1.5-4.5 GB per run and grows with the steps and the sequence lengths (the allocator keeps
 what varying batch shapes asked for): compare it between arms of a task, not across tasks.
+
+The runs are fp32 (above), which costs about twice the bf16 step: measured on a 2-core AMD EPYC without native bf16
+(2026-12-02, idle), SST-2's 300 LoRA steps took 237 s (0.79 s a step) and the run 257 s. At that rate the study below
+is about 9.6 hours (SST-2 1.7, CoLA 2.4 with the sweep, MRPC 2.2, RTE 3.3), over four or five sittings; the
+estimate that follows was made for bf16 steps.
 
 With TASK_PLANS (SST-2 and CoLA 300 steps, MRPC and RTE 200; 3, 3, 5, 5 seeds), the 4-rate grid and the 3-seed rank
 sweep on CoLA, the study is 151 runs: about 2.6, 1.6, 2.0 and 2.8 minutes per run of SST-2, CoLA, MRPC and RTE on 2

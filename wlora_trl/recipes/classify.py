@@ -138,7 +138,7 @@ class ClassifyRecipeConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        common.resolve_bf16_default(self)
+        common.resolve_cpu_and_bf16_defaults(self)
         super().__post_init__()
 
 

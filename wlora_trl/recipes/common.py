@@ -256,7 +256,7 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def resolve_bf16_default(training_args) -> None:
+def resolve_cpu_and_bf16_defaults(training_args) -> None:
     """Give `training_args.bf16` left at None the recipes' default: on for a CUDA GPU and for a CPU with native bf16,
     never with fp16. Where no GPU is, `use_cpu=True` is set whatever the precision: transformers accepts bf16 on a
     CPU only with it, and without it accelerate does not see the processes of a multi-process CPU launch (each would

@@ -167,7 +167,7 @@ class SFTRecipeConfig(SFTConfig):
         new_name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else None
         if self.gradient_checkpointing is None and (new_name is None or getattr(self, new_name) is None):
             setattr(self, new_name or "gradient_checkpointing", on_gpu)
-        common.resolve_bf16_default(self)
+        common.resolve_cpu_and_bf16_defaults(self)
         super().__post_init__()
 
 

@@ -151,7 +151,7 @@ def test_fsdp2_mixed_precision_selects_as_fp32_does(sharded_run):
 
 def test_a_mixture_of_experts_model_crosses_the_switch_sharded(sharded_run, tmp_path):
     """Tiny Qwen3-MoE, WeightLoRA+ with reinit=False, 2 ranks: experts blocks and routers are units; the sharded run
-    matches one process (losses to 1e-5; the adapter to 1e-3 of its norm, see below), the
+    matches one process (losses to 1e-5; the adapter to 1e-2 of its norm and the logits to 2e-3, see below), the
     dropped units are zero with no gradient, and the gathered export (the kept blocks at 2r per expert) reloads with
     stock PEFT to the sharded model's logits."""
     from tests.testing_utils import tiny_qwen3_moe
@@ -165,10 +165,14 @@ def test_a_mixture_of_experts_model_crosses_the_switch_sharded(sharded_run, tmp_
     assert rank0["dropped_with_grad"] == [] and rank0["dropped_nonzero"] == 0 and rank0["gates_left"] == 0
     torch.testing.assert_close(rank0["losses"], single["losses"], rtol=0, atol=1e-5)
     for key in rank0["adapter"]:
-        # Adam turns the summation-order noise of near-zero gradient entries (an expert few tokens reach) into
-        # learning-rate-sized steps: a few entries differ by ~1e-3 (observed), the tensors as a whole by far less.
+        # Adam (lr 1e-2) turns the summation-order noise of near-zero gradient entries (an expert few tokens reach)
+        # into learning-rate-sized steps, so the experts' tensors differ by a machine-dependent 1e-3 of their norm
+        # (under 0.001 on an EPYC without native bf16, 0.0034 on one with it; the attention adapters 3e-5):
+        # 1e-2 still fails a sharded run that reduced a gradient wrongly (an O(1) relative difference).
         difference = (rank0["adapter"][key] - single["adapter"][key]).norm()
-        assert difference <= 1e-3 * single["adapter"][key].norm(), (key, difference)
+        assert difference <= 1e-2 * single["adapter"][key].norm(), (key, difference)
+    # What the noise does to the function: the probe's logits (max |logit| 0.73) agree to 3e-4 (observed).
+    torch.testing.assert_close(rank0["logits"], single["logits"], rtol=0, atol=2e-3)
     reloaded = PeftModel.from_pretrained(tiny_qwen3_moe(seed=0), out / "adapter")
     with torch.no_grad():
         logits = reloaded(input_ids=PROBE).logits

@@ -33,8 +33,9 @@ METHODS = {
     "weightlora_plus": ["--method", "weightlora", "--plus", "true"],
     "random": ["--method", "random"],
     # AdaLoRA's singular values start at 0 and A, B at N(0, 0.02): at 1e-2 ten steps move the logits by ~3e-5 only,
-    # too little for the reload check to prove anything; 0.1 moves them by ~2e-2.
-    "adalora": ["--method", "adalora", "--learning_rate", "0.1"],
+    # too little for the reload check to prove anything; 0.1 moves them by ~2e-2. The pooler stays frozen (the user's
+    # --lora_modules_to_save): trained at 0.1 its tanh saturates and hides the adapters' effect (1e-5).
+    "adalora": ["--method", "adalora", "--learning_rate", "0.1", "--lora_modules_to_save", "classifier"],
     "eva": ["--method", "eva"],
 }
 
@@ -204,12 +205,32 @@ def adapter_tensors(output_dir: Path) -> dict[str, tuple[int, ...]]:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
-def test_every_method_adapts_the_encoder_layers_only_and_trains_the_head(trained):
+def test_every_method_adapts_the_encoder_layers_only_and_trains_the_head_and_the_pooler(trained, encoder):
+    with safe_open(str(encoder / "model.safetensors"), "pt") as f:
+        base_pooler = f.get_tensor("pooler.dense.weight")
     for name in METHODS:
         summary, tensors = trained[name]["summary"], adapter_tensors(trained[name]["output_dir"])
         assert len(summary["ranks"]) == N_ADAPTERS  # no pooler: only the linear layers inside the layers
         assert all(".layer." in module for module in summary["ranks"])
-        assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(tensors)
+        head = {f"base_model.model.{m}.{p}" for m in ("classifier", "bert.pooler.dense") for p in ("weight", "bias")}
+        if "--lora_modules_to_save" in METHODS[name]:  # the user's list replaces the default head
+            assert {k for k in tensors if "pooler" in k} == set() and head - set(tensors) == {
+                "base_model.model.bert.pooler.dense.weight",
+                "base_model.model.bert.pooler.dense.bias",
+            }
+            continue
+        assert head <= set(tensors), name
+        with safe_open(str(trained[name]["output_dir"] / "adapter_model.safetensors"), "pt") as f:
+            moved = (f.get_tensor("base_model.model.bert.pooler.dense.weight") - base_pooler).abs().max()
+        assert moved > 1e-3, name  # the pooler trained (fully, as the head does), it is not the base's copy
+
+
+def test_the_pooler_trains_with_the_head_unless_the_user_names_the_targets_or_the_model_has_none():
+    model = tiny_bert_classifier()
+    assert classify.default_head(model, targets_given=False) == ["classifier", "pooler"]
+    assert classify.default_head(model, targets_given=True) == ["classifier"]  # all-linear may adapt the pooler
+    model.bert.pooler = None  # BertModel(add_pooling_layer=False)
+    assert classify.default_head(model, targets_given=False) == ["classifier"]
 
 
 def test_lora_keeps_every_adapter_at_rank_r(trained):
@@ -327,5 +348,5 @@ def test_minilm_on_a_real_glue_task(tmp_path, monkeypatch, task, method, metric_
         assert all(-1 <= summary[phase][key] <= 1 for key in metric_keys)
     assert summary["peak_rss_mib"] > 100 and summary["timings_s"]["train"] > 0
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
-        assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(f.keys())
+        assert {"base_model.model.classifier.weight", "base_model.model.bert.pooler.dense.weight"} <= set(f.keys())
     assert "| GLUE score |" in (out / "eval_results.md").read_text()

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts.ddp_worker import SCENARIOS
+
 pytestmark = pytest.mark.slow  # 2-process DDP runs
 
 WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
@@ -84,22 +86,19 @@ def test_ddp_matches_one_process_with_the_same_global_batch(runs):
     assert rank0["losses"] == pytest.approx(single["losses"], abs=1e-6)
 
 
-# Setups that once let the ranks train apart, crashed, or kept the old adapters alive under DDP (2 gloo processes).
-SCENARIOS = {
-    "evaluate_first": ["--evaluate-first"],  # the recipes evaluate the untrained model, then train
-    "torch_compile": ["--compile"],  # the DDP wrapper sits inside an OptimizedModule
-    "reentrant_checkpointing": ["--reentrant-checkpointing"],  # with ddp_find_unused_parameters=False
-    "conditional_compute": ["--conditional-compute"],  # a kept adapter unused in some steps after the switch
-    "mixture_of_experts": ["--moe"],  # Qwen3-MoE: experts blocks and routers are units (one omega per block)
-}
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    """Every scenario of the worker's SCENARIOS, one after the other in one 2-process launch."""
+    out = tmp_path_factory.mktemp("scenarios")
+    command = [*LAUNCHERS["torchrun"], str(WORKER), str(out), "--batch", "2", "--scenarios", *SCENARIOS]
+    _run(command, out)
+    return out
 
 
-@pytest.fixture(scope="module", params=sorted(SCENARIOS))
-def scenario(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    return request.param, _run(
-        [*LAUNCHERS["torchrun"], str(WORKER), str(out), "--batch", "2", *SCENARIOS[request.param]], out
-    )
+@pytest.fixture(params=sorted(SCENARIOS))
+def scenario(request, scenarios):
+    name = request.param
+    return name, {path.stem: torch.load(path) for path in sorted((scenarios / name).glob("rank*.pt"))}
 
 
 def test_ranks_stay_together_in_every_setup(scenario):

@@ -2,6 +2,7 @@
 
     python ddp_worker.py OUT --batch 4 --accumulation 1                                  # one process
     accelerate launch --multi_gpu --num_processes 2 ddp_worker.py OUT --batch 1 --accumulation 2   # DDP (gloo)
+    torchrun --nproc_per_node 2 ddp_worker.py OUT --batch 2 --scenarios torch_compile evaluate_first  # OUT/<name>/
 
 Both see the same global batches: the sampler is sequential, and accelerate deals per-process batches round-robin.
 """
@@ -19,6 +20,16 @@ from transformers import TrainerCallback
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama, tiny_qwen3_moe  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer  # noqa: E402
+
+# Setups that once let the ranks train apart, crashed, or kept the old adapters alive under DDP. `--scenarios` runs
+# several in one launch, one after the other (a process start costs more than a scenario's 8 steps).
+SCENARIOS = {
+    "evaluate_first": ["--evaluate-first"],  # the recipes evaluate the untrained model, then train
+    "torch_compile": ["--compile"],  # the DDP wrapper sits inside an OptimizedModule
+    "reentrant_checkpointing": ["--reentrant-checkpointing"],  # with ddp_find_unused_parameters=False
+    "conditional_compute": ["--conditional-compute"],  # a kept adapter unused in some steps after the switch
+    "mixture_of_experts": ["--moe"],  # Qwen3-MoE: experts blocks and routers are units (one omega per block)
+}
 
 
 class SequentialTrainer(WeightLoraTrainer):
@@ -52,8 +63,18 @@ def main() -> None:
         help="simulate a lost DDP wrapper: from this step on the ranks train without synchronising",
     )
     parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE: experts blocks and routers are units")
+    parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), help="run these, each into OUT/<name>")
     cli = parser.parse_args()
+    if not cli.scenarios:
+        train_and_record(cli)
+        return
+    for name in cli.scenarios:
+        scenario = parser.parse_args([os.path.join(cli.out, name), "--batch", str(cli.batch), *SCENARIOS[name]])
+        os.makedirs(scenario.out, exist_ok=True)
+        train_and_record(scenario)
 
+
+def train_and_record(cli: argparse.Namespace) -> None:
     cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", k=5, selection_steps=4)
     extra = {}
     if cli.compile:

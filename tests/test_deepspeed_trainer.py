@@ -87,6 +87,9 @@ def runs(tmp_path_factory, base_dirs):
         "zero3_offload": (("--zero_stage", "3", "--offload"), {"launcher": "deepspeed"}),
         "plus_sft": (("--plus", "--sft", "--base", str(base_dirs["fp32"]), "--select_after"), {}),
         "bf16": (("--plus", "--sft", "--bf16", "--base", str(base_dirs["bf16"])), {"precision": "bf16"}),
+        "moe_one": (("--batch", "4", "--moe"), {"launcher": "one"}),
+        "moe_zero3": (("--zero_stage", "3", "--moe"), {"launcher": "deepspeed"}),
+        "moe_zero2": (("--moe",), {"launcher": "zero2.yaml"}),
     }
 
     def run(name):
@@ -225,6 +228,39 @@ def test_bf16_under_zero3_keeps_the_fp32_selection(runs):
     assert bf16["kept"] == fp32["kept"] and bf16["loss_dtype"] == torch.float32
     for step, loss in fp32["losses"].items():
         assert bf16["losses"][step] == pytest.approx(loss, abs=5e-3), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["moe_zero3", "moe_zero2"], ids=["ZeRO-3", "ZeRO-2"])
+def test_a_mixture_of_experts_model_selects_its_experts_blocks_under_zero_as_one_process(runs, name, tmp_path):
+    """Tiny Qwen3-MoE with `all-linear`: its experts blocks (gate_up and down as one unit) and routers are units;
+    under ZeRO the 3-D experts' adapters, which PEFT reads through `.weight` and never calls, train, drop and save
+    as in one process, and the saved adapter reloads with stock PEFT."""
+    (records, out), (single, _) = runs(name), runs("moe_one")
+    rank0, rank1, one = records["rank0"], records["rank1"], single["rank0"]
+    assert rank0["deepspeed"] and rank0["switched"] and rank0["kept"] == rank1["kept"] == one["kept"]
+    assert any(module.endswith("mlp.experts") for module in one["kept"])
+    torch.testing.assert_close(torch.tensor(rank0["omega"]), torch.tensor(one["omega"]), rtol=0, atol=1e-5)
+    for step, loss in one["losses"].items():
+        assert rank0["losses"][step] == pytest.approx(loss, abs=1e-5), step
+    assert rank0["adapter"].keys() == one["adapter"].keys()
+    assert any(".mlp.experts." in key for key in one["adapter"])
+    # Relative to each tensor's norm: Adam turns the reduction-order noise in the gradients of experts that few
+    # tokens reach into steps of its own size (observed: 5e-6 of the norm, 1e-5 absolute, on an experts lora_A); a
+    # wrongly reduced or lost gradient differs by O(1) of it. The logits agree to 3e-7.
+    for key, tensor in one["adapter"].items():
+        assert (rank0["adapter"][key] - tensor).norm() <= 1e-4 * tensor.norm(), key
+    torch.testing.assert_close(rank0["logits"], one["logits"], rtol=0, atol=1e-5)
+    assert rank0["dropped_nonzero"] == []
+    from tests.testing_utils import tiny_qwen3_moe
+
+    tiny_qwen3_moe(seed=0).save_pretrained(tmp_path / "base")  # rank 0's base, which DeepSpeed broadcast
+    torch.save(PROBE, tmp_path / "ids.pt")
+    command = [sys.executable, "-c", STOCK_RELOAD, str(tmp_path / "base"), str(tmp_path / "ids.pt")]
+    subprocess.run([*command, str(out / "adapter"), str(tmp_path / "reloaded.pt")], check=True, timeout=300)
+    reloaded = torch.load(tmp_path / "reloaded.pt")
+    torch.testing.assert_close(reloaded["logits"], rank0["logits"], rtol=0, atol=1e-5)
+    assert (reloaded["logits"] - reloaded["base"]).abs().max() > 1e-3
 
 
 # --- refused before anything is built ---------------------------------------------------------------------------------

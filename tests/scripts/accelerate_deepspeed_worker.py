@@ -2,7 +2,7 @@
 GPU (the GPU kit's tests/gpu/test_cuda.py, NCCL; CUDA is used whenever it is there).
 
     accelerate launch --config_file wlora_trl/cli/accelerate_configs/zero3.yaml --num_processes 2 \
-        --mixed_precision no tests/scripts/accelerate_deepspeed_worker.py OUT [--plus] [--sft] [--base DIR]
+        --mixed_precision no tests/scripts/accelerate_deepspeed_worker.py OUT [--plus] [--sft] [--base DIR] [--moe]
         [--select_after] [--bf16] [--resume CHECKPOINT ...]
     deepspeed --num_gpus 2 tests/scripts/accelerate_deepspeed_worker.py OUT --zero_stage 3 [--offload]  (`deepspeed=`)
     python tests/scripts/accelerate_deepspeed_worker.py OUT --batch 4       (the one-process reference, no DeepSpeed)
@@ -20,6 +20,7 @@ holds for the dropped adapters.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,9 +60,11 @@ def make_trainer(cli, run_dir: str):
 
     # WeightLoRA with reinit=False: nothing random separates the ZeRO switch from the one-process module swap, so the
     # two runs must agree. WeightLoRA+ keeps the paper's re-initialisation (drawn from the seeded stream on each rank).
+    # A tiny MoE's 12 units: with K = n/2 this data keeps attention only; K = 10 keeps experts blocks too.
     cfg = WeightLoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", selection_steps=T, plus=cli.plus, reinit=cli.plus
-    )
+        r=4, lora_alpha=8, target_modules="all-linear", selection_steps=T, plus=cli.plus, reinit=cli.plus,
+        **({"k": 10} if cli.moe else {}),
+    )  # fmt: skip
     saving = dict(
         save_strategy="steps", save_steps=2, per_device_train_batch_size=cli.batch, bf16=cli.bf16, use_cpu=USE_CPU
     )
@@ -74,6 +77,13 @@ def make_trainer(cli, run_dir: str):
             processing_class=char_tokenizer(), peft_config=cfg,
         )  # fmt: skip
     args = cpu_args(run_dir, max_steps=MAX_STEPS, **saving)
+    if cli.moe:  # DeepSpeed broadcasts rank 0's weights, which the reference builds from the same seed
+        from tests.testing_utils import tiny_qwen3_moe
+
+        return WeightLoraTrainer(
+            tiny_qwen3_moe(seed=int(os.environ.get("RANK", 0))), args, train_dataset=addition_lm_dataset(),
+            peft_config=cfg,
+        )  # fmt: skip
     if cli.base:  # loaded after the arguments exist, so under zero3_init_flag it is loaded partitioned
         from transformers import AutoModelForCausalLM
 
@@ -186,6 +196,7 @@ def main() -> None:
     parser.add_argument("--resume", nargs="*", default=(), help="checkpoints of an earlier run, resumed in turn")
     parser.add_argument("--zero_stage", type=int, default=None, help="deepspeed launcher: deepspeed= with this stage")
     parser.add_argument("--offload", action="store_true", help="with --zero_stage: offload to the CPU")
+    parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE: experts blocks and routers are units")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     cli = parser.parse_args()
     out = Path(cli.out)

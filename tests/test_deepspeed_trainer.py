@@ -89,7 +89,6 @@ def runs(tmp_path_factory, base_dirs):
         "bf16": (("--plus", "--sft", "--bf16", "--base", str(base_dirs["bf16"])), {"precision": "bf16"}),
         "moe_one": (("--batch", "4", "--moe"), {"launcher": "one"}),
         "moe_zero3": (("--zero_stage", "3", "--moe"), {"launcher": "deepspeed"}),
-        "moe_zero2": (("--moe",), {"launcher": "zero2.yaml"}),
     }
 
     def run(name):
@@ -231,12 +230,12 @@ def test_bf16_under_zero3_keeps_the_fp32_selection(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["moe_zero3", "moe_zero2"], ids=["ZeRO-3", "ZeRO-2"])
-def test_a_mixture_of_experts_model_selects_its_experts_blocks_under_zero_as_one_process(runs, name, tmp_path):
+def test_a_mixture_of_experts_model_selects_its_experts_blocks_under_zero3_as_one_process(runs, tmp_path):
     """Tiny Qwen3-MoE with `all-linear`: its experts blocks (gate_up and down as one unit) and routers are units;
-    under ZeRO the 3-D experts' adapters, which PEFT reads through `.weight` and never calls, train, drop and save
-    as in one process, and the saved adapter reloads with stock PEFT."""
-    (records, out), (single, _) = runs(name), runs("moe_one")
+    under ZeRO-3 the 3-D experts' adapters, which PEFT reads through `.weight` and never calls, are gathered, train,
+    drop and save as in one process, and the saved adapter reloads with stock PEFT. (ZeRO-2, which partitions no
+    parameter, passed the same checks when this was written: left out of CI for its 18 s.)"""
+    (records, out), (single, _) = runs("moe_zero3"), runs("moe_one")
     rank0, rank1, one = records["rank0"], records["rank1"], single["rank0"]
     assert rank0["deepspeed"] and rank0["switched"] and rank0["kept"] == rank1["kept"] == one["kept"]
     assert any(module.endswith("mlp.experts") for module in one["kept"])

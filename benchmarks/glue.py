@@ -1,15 +1,15 @@
 """GLUE on an encoder: WeightLoRA, WeightLoRA+, random selection, AdaLoRA and EVA against LoRA, side by side.
 
-    python benchmarks/glue.py                   # the whole study (about 9.6 h on 2 cores, fp32), resumable across sittings
+    python benchmarks/glue.py                   # the whole study (about 8.6 h on 2 cores, fp32), resumable across sittings
     python benchmarks/glue.py --no_train        # the tables of what is recorded, and the runs still to go
     touch outputs/glue/STOP                     # end a sitting after the run in progress
 
 Every run is the classification recipe (`wlora_trl.recipes.classify`, in a fresh process each, so its peak resident
 memory is the run's own) on all-MiniLM-L6-v2, adapters on every linear layer of its 6 transformer layers (n = 36),
-rank r = 8, alpha 2r, dropout 0.05, the head in `modules_to_save`, AdamW with linear decay after a 6% warm-up, fp32
-on every machine (bf16 autocast only where a CPU has it natively would mix precisions across sittings), the task's
-official metric on its full validation split. Per task the steps, batch
-and seeds are fixed (TASK_PLANS); the arms differ only in how they spend the ranks:
+rank r = 8, alpha 2r, dropout 0.05, the head and BERT's pooler in `modules_to_save` (HEAD), AdamW with linear decay
+after a 6% warm-up, fp32 on every machine (bf16 autocast only where a CPU has it natively would mix precisions across
+sittings), the task's official metric on its full validation split. Per task the steps, batch and seeds are fixed
+(TASK_PLANS); the arms differ only in how they spend the ranks:
   lora             plain LoRA on all n modules, n*r ranks (the baseline every difference is paired with)
   weightlora       WeightLoRA, K = n/2 adapters of rank r kept after T steps (the paper), n*r/2 ranks
   weightlora_plus  WeightLoRA+, K = n/2 at rank 2r: LoRA's n*r ranks
@@ -42,29 +42,21 @@ here); Table 1 for AdaLoRA and EVA (self-attention only, at 1.5x LoRA's paramete
 of 36 for random selection, against Table 1's LoRA and, for "random minus weightlora", Table 1's WLoRA K = 10 (Table
 7's own RTE entries for WLoRA are a typo, see the tables' file).
 
-Cost and budget. Measured on this project's 2-core AMD EPYC (bf16 autocast), one LoRA run of the recipe per task at
-4 and at 24 steps, the per-step cost being the difference over 20 steps; the machine was shared with other torch jobs,
-so with 1 thread (OMP_NUM_THREADS=1) and about one core free: SST-2 batch 32 1.50 s, CoLA batch 32 0.86 s, MRPC
-batch 32 1.71 s, RTE batch 16 2.17 s per step (2.9 s in a second run: +-25% between runs on a shared machine); with 2
-threads and one other job running, SST-2 0.82 s. On 2 idle cores a step takes about a third of that (SST-2 0.4 s,
-RTE 0.7 s), so at the relative costs measured here: SST-2 0.40 s, CoLA 0.23 s, MRPC 0.46 s, RTE 0.70 s. On RTE (24
-steps, 1 thread) WeightLoRA took 0.85 of LoRA's training time (the switch drops half the adapters), AdaLoRA 1.1-1.15
-(its regulariser and allocation every step), EVA the same as LoRA after its SVD initialisation (16-19 s on RTE and
-SST-2). Fixed costs per run: 15-20 s to start Python and load the libraries and the model, tokenising (SST-2's 67k
-rows 6-11 s, others 1-2 s), and the evaluation on the full validation split (1 thread: SST-2 8.5 s, CoLA 4 s, MRPC 4-8
-s, RTE 9 s). Peak RSS is 1.5-4.5 GB per run and grows with the steps and the sequence lengths (the allocator keeps
-what varying batch shapes asked for): compare it between arms of a task, not across tasks.
+Cost and budget. Early measurements (bf16 autocast, 1 thread, a shared machine, 4 against 24 steps) fixed the arms'
+relative costs: on RTE WeightLoRA took 0.85 of LoRA's training time (the switch drops half the adapters), AdaLoRA
+1.1-1.15 (its regulariser and allocation every step), EVA the same as LoRA after its SVD initialisation (16-19 s on RTE
+and SST-2). Fixed costs per run: 15-20 s to start Python and load the libraries and the model, tokenising (SST-2's 67k
+rows 6-11 s, others 1-2 s), and the evaluation on the full validation split (4-9 s). Peak RSS is 1.5-4.6 GB per run
+and grows with the steps and the sequence lengths (the allocator keeps what varying batch shapes asked for): compare
+it between arms of a task, not across tasks.
 
-The runs are fp32 (above), which costs about twice the bf16 step: measured on a 2-core AMD EPYC without native bf16
-(2026-12-02, idle), SST-2's 300 LoRA steps took 237 s (0.79 s a step) and the run 257 s. At that rate the study below
-is about 9.6 hours (SST-2 1.7, CoLA 2.4 with the sweep, MRPC 2.2, RTE 3.3), over four or five sittings; the
-estimate that follows was made for bf16 steps.
-
-With TASK_PLANS (SST-2 and CoLA 300 steps, MRPC and RTE 200; 3, 3, 5, 5 seeds), the 4-rate grid and the 3-seed rank
-sweep on CoLA, the study is 151 runs: about 2.6, 1.6, 2.0 and 2.8 minutes per run of SST-2, CoLA, MRPC and RTE on 2
-idle cores (OMP_NUM_THREADS=2), 5.5 hours in all (SST-2 62 min, CoLA 38 + 43 for the sweep, MRPC 74, RTE 108, the
-peers' overhead 10), to be run over several sittings like the GSM8K study (4.2 hours). On a shared machine with one
-thread expect about three times that. `--no_train` shows what is left; `--max_steps` / `--seeds` shrink it.
+The plan's cost, from the LoRA grid's records (fp32, 2 idle cores of this project's 2-core AMD EPYC,
+OMP_NUM_THREADS=2, 2026-12-03): a run of SST-2 (300 x 32) takes 263-277 s, CoLA (600 x 32) 261-269 s, MRPC (150 x
+32) 230-273 s, RTE (150 x 16) about 310 s. The study is 114 runs: the four tasks' 4-rate grids (16), 7 arms x 3
+seeds per task less the grid's LoRA run at the chosen rate (80), and the sweep's 3 arms x 3 ranks x 2 seeds on SST-2
+(18); at about 4.5 minutes a run, 8.6 hours (the grids 1.2 of them), over four or five sittings of two hours (the
+GSM8K study took 4.2). `--no_train` shows what is left; `--seeds` / `--sweep_seeds` shrink it. On a machine without
+native bf16 fp32 runs at the same speed (SST-2's 300 steps took 237 s on such an EPYC on 2026-12-02).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Low precision and memory savers: 8-bit bases, bf16, the fp16 GradScaler, gradient checkpointing."""
+"""Low precision and memory savers: 8-bit bases (and 8-bit or NF4 mixture-of-experts bases), bf16, the fp16 GradScaler,
+gradient checkpointing."""
+
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import pytest
@@ -6,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from tests.testing_utils import addition_lm_dataset, cpu_args, sft_args, sums_dataset, tiny_llama
+from tests.testing_utils import addition_lm_dataset, cpu_args, sft_args, sums_dataset, tiny_llama, tiny_qwen3_moe
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer, WeightLoraTrainer
 from wlora_trl.surgery import innermost_optimizer
 
@@ -174,3 +178,58 @@ def test_cpu_bf16_autocast_keeps_omega_fp32_and_the_selection_deterministic(tmp_
     first, second = omega_at_switch(tmp_path / "a"), omega_at_switch(tmp_path / "b")
     assert first[0].dtype == torch.float32 and bool(first[0].ne(1).any())
     assert torch.equal(first[0], second[0]) and first[1] == second[1]
+
+
+QUANTIZED_MOE_RELOAD = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+base_dir, adapter_dir, kind, out = sys.argv[1:]
+quantization = {
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+}[kind]
+base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, device_map="cpu")
+model = PeftModel.from_pretrained(base, adapter_dir).eval()
+ids = torch.arange(3, 35).reshape(2, 16)
+with torch.no_grad():
+    logits = model(input_ids=ids).logits.float()
+    with model.disable_adapter():
+        without = model(input_ids=ids).logits.float()
+torch.save({"logits": logits, "without": without}, out)
+assert not any(name.startswith("wlora_trl") for name in sys.modules), "stock reload imported wlora_trl"
+"""
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_mixture_of_experts_base_keeps_experts_blocks_and_reloads_with_stock_peft(tmp_path, kind):
+    """bitsandbytes quantizes nn.Linear layers only: a Qwen3-MoE's attention is 8-bit or NF4, its 3-D experts and
+    its router stay float, and the experts blocks are units that train, are kept and reload on a fresh quantized base
+    in a process without wlora_trl."""
+    base_dir = tmp_path / "base"
+    tiny_qwen3_moe(seed=0).save_pretrained(base_dir)
+    quantization = {
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+    }[kind]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, device_map="cpu")
+    # 12 units (2 layers x q, k, v, o, experts block, router): K = 10 keeps experts blocks on this data.
+    cfg = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", selection_steps=3, k=10)
+    trainer = WeightLoraTrainer(
+        model, cpu_args(tmp_path / "run", max_steps=6), train_dataset=addition_lm_dataset(), peft_config=cfg
+    )
+    quantized = bnb.nn.Linear8bitLt if kind == "int8" else bnb.nn.Linear4bit
+    assert type(trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer) is quantized
+    assert [u.kind for u in trainer.weight_lora.units].count("experts") == 2
+    trainer.train()
+    kept = [a.module for a in trainer.weight_lora.adapters if a.kept]
+    assert len(kept) == 10 and any(module.endswith("mlp.experts") for module in kept)
+    trainer.save_model(str(tmp_path / "adapter"))
+    trained = _logits(trainer.model)
+
+    out = tmp_path / "reloaded.pt"
+    command = [sys.executable, "-c", QUANTIZED_MOE_RELOAD, str(base_dir), str(tmp_path / "adapter"), kind, str(out)]
+    subprocess.run(command, check=True, timeout=300)
+    reloaded = torch.load(out)
+    torch.testing.assert_close(reloaded["logits"], trained, rtol=0, atol=1e-5)
+    assert (reloaded["logits"] - reloaded["without"]).abs().max() > 1e-3  # the adapter's own effect

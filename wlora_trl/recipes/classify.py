@@ -196,7 +196,7 @@ def default_head(model, targets_given: bool) -> list[str]:
     (benchmarks/glue.py)."""
     head = [_head_name(model)]
     has_pooler = any(
-        name.rsplit(".", 1)[-1] == "pooler" and any(True for _ in module.parameters())
+        name.rsplit(".", 1)[-1] == "pooler" and next(module.parameters(), None) is not None
         for name, module in model.named_modules()
     )
     if has_pooler and not targets_given:

@@ -494,3 +494,27 @@ def test_the_quickstart_shows_the_flagship_run_as_measured():
     )
     ratio = measured["train_time_ratio_accelerate_over_python"]
     assert f"trained {ratio:.2f}x longer than the `python` one" in prose(page("quickstart"))
+
+
+# --- mixture-of-experts: zeroing single experts against dropping blocks ---------------------------------------------
+
+
+def test_trainers_page_shows_the_committed_experts_zeroing_run():
+    """The evidence trainers.md gives for leaving per-expert omega out: the committed table, and its claims (zeroed
+    experts keep the file's size and the step's time; dropped blocks shrink both)."""
+    module = load_module(REPO / "benchmarks" / "experts_zeroing.py", "experts_zeroing_benchmark")
+    committed = result("experts_zeroing_cpu.json")
+    assert module.markdown_table(committed) in page("trainers")
+    assert (RESULTS / "experts_zeroing_cpu.md").read_text() == module.markdown(committed)
+    states = committed["states"]
+    zeroed, dropped = states["zeroed"], states["dropped"]
+    assert zeroed["saved"]["bytes"] == states["all"]["saved"]["bytes"]
+    assert zeroed["saved"]["nonzero_elements"] < 0.6 * zeroed["saved"]["elements"]  # half the experts really zeroed
+    share = dropped["saved"]["bytes"] / states["all"]["saved"]["bytes"]
+    assert_states(
+        "trainers",
+        f"left the step at {zeroed['step_ratio']:.2f} of the full adapter's time (within noise) and the saved file byte "
+        f"for byte as large; dropping the blocks took the step to {dropped['step_ratio']:.2f} and the file to "
+        f"{share:.0%}.",
+    )
+    assert abs(zeroed["step_ratio"] - 1) < 0.1 and dropped["step_ratio"] < 0.9

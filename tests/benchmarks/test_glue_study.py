@@ -183,6 +183,38 @@ def test_fixed_learning_rates_skip_the_grid(tmp_path, monkeypatch):
         glue.parse_args(["--learning_rates", "qnli=1e-3"])
 
 
+def test_a_task_lora_does_not_learn_runs_its_grid_only_and_says_why(tmp_path, monkeypatch):
+    """By default RTE (TASK_PLANS: not_compared) gets its LR grid and no arms; the tables say why."""
+    assert "rte" in glue.GRID_ONLY_TASKS and "rte" not in glue.COMPARED_TASKS
+    args = glue.parse_args([])
+    assert args.tasks == glue.COMPARED_TASKS and args.grid_only_tasks == glue.GRID_ONLY_TASKS
+    assert glue.parse_args(["--tasks", "rte"]).grid_only_tasks == []  # named, a task is compared
+    with pytest.raises(SystemExit):
+        glue.parse_args(["--tasks", "rte", "--grid_only_tasks", "rte"])
+
+    calls: list = []
+    monkeypatch.setattr(glue, "train_run", fake_train(calls))
+    flags = ["--tasks", "mrpc", "--grid_only_tasks", "rte", "--arms", "lora", "weightlora", "--seeds", "0",
+             "--lr_grid", "0.0005", "0.001", "--sweep_ranks", "--runs_dir", str(tmp_path / "runs"),
+             "--work_dir", str(tmp_path / "work"), "--output", str(tmp_path / "glue.json")]  # fmt: skip
+    result = glue.main(flags)
+    assert sorted(name for name, _ in calls if name.startswith("rte/")) == [
+        "rte/lr_grid/lora_lr0.0005",
+        "rte/lr_grid/lora_lr0.001",
+    ]  # the grid, no arm
+    assert (
+        len(calls) == 5 and "rte" not in result["summary"] and set(result["learning_rates"]["grid"]) == {"rte", "mrpc"}
+    )
+    table = (tmp_path / "glue.md").read_text()
+    score = fake_score("rte/lr_grid/lora_lr0.001", 0)
+    assert (
+        f"| RTE | 150 x 16 | 0.0005: {fake_score('rte/lr_grid/lora_lr0.0005', 0):.4f}, 0.001: {score:.4f} | not compared |"
+        in table
+    )
+    assert f"RTE is not compared: {glue.TASK_PLANS['rte'].not_compared}." in table
+    assert "| method | params (share of LoRA's) | MRPC Acc/F1 | Avg |" in table
+
+
 def test_a_failed_run_stops_the_study_with_its_log(tmp_path, monkeypatch):
     monkeypatch.setattr(glue.sys, "executable", "false")  # any command that exits non-zero
     with pytest.raises(SystemExit, match="rte/lora, seed 0 failed"):

@@ -3,7 +3,8 @@ benchmarks committed (benchmarks/results/, eval/results/): the tables are what t
 the JSON, and each sentence with a number is rebuilt here from the JSON and looked for on its page.
 
 When a rerun commits new JSON, the failing assertion names the sentence to update. Checked pages: benchmarks.md,
-gpu-kit.md, evaluation.md, distributed.md's FSDP2 cost, and the README's headline table and plain answers.
+gpu-kit.md, evaluation.md, distributed.md's FSDP2 cost, the README's headline tables and plain answers, and the config's
+help where it cites the GLUE study.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MIB = 2**20
 def load_module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass (benchmarks/glue.py's TaskPlan) looks its module up while it is built
     spec.loader.exec_module(module)
     return module
 
@@ -212,6 +214,178 @@ def test_readme_plain_answers_are_the_studys(quality):
         "README",
         *(answers[k] for k in ("fewer parameters", "plus, short", "plus keep, short", "random, short", "jaccard")),
     )
+
+
+# --- the GLUE study ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def glue():
+    module = load_module(REPO / "benchmarks" / "glue.py", "glue_benchmark")
+    return module, result("glue.json")
+
+
+def test_benchmarks_page_shows_the_committed_glue_tables(glue):
+    module, study = glue
+    tables = module.markdown(study)
+    assert (RESULTS / "glue.md").read_text() == tables
+    assert tables in page("benchmarks")
+    assert "](../../benchmarks/results/glue.png)" in page("benchmarks")
+    settings = study["settings"]
+    assert set(settings) >= {"tasks", "arms", "seeds"}
+    for run in study["runs"]:  # every run the tables count is a committed record, with the score it recorded
+        record = json.loads((RESULTS / "glue_runs" / f"{run['name']}_seed{run['seed']}.json").read_text())
+        assert record["score"] == run["score"]
+
+
+def test_readme_shows_the_glue_studys_overall_tables(glue):
+    module, study = glue
+    blocks = module.markdown(study).split("\n\n")
+    overall, differences = blocks[1], blocks[2]
+    assert overall.startswith("| method |") and differences.startswith("| minus LoRA: ours (paper) |")
+    assert overall in page("README") and differences in page("README")
+
+
+GLUE_TITLES = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC"}
+
+
+def glue_answers(study: dict) -> dict[str, str]:
+    """The GLUE study's plain answers, as the README and the benchmarks page word them. The signs the words rest on
+    ("better on MRPC", "below LoRA on every task") are asserted first, so a rerun that changes them fails here."""
+    summary, overall, versus = study["summary"], study["overall"], study["random_minus_weightlora"]
+    tasks = [task for task in GLUE_TITLES if task in summary]
+    assert tasks == list(GLUE_TITLES) and all(len(summary[t]["lora"]["seeds"]) == 3 for t in tasks)
+
+    def paired(arm: str, task: str) -> dict:
+        return summary[task][arm]["vs_lora_paired"]
+
+    def per_task(arm: str) -> str:
+        return ", ".join(f"{GLUE_TITLES[t]} {spread(paired(arm, t))}" for t in tasks)
+
+    def share(arm: str) -> str:
+        return f"{overall[arm]['share_of_lora_parameters']:.0%}"
+
+    def minutes(arm: str) -> str:
+        return span([summary[t][arm]["run_minutes"]["mean"] for t in tasks], 1)
+
+    def rss(arm: str) -> list[float]:
+        return [1 - summary[t][arm]["peak_rss_mib"]["mean"] / summary[t]["lora"]["peak_rss_mib"]["mean"] for t in tasks]
+
+    paper = study["paper_vs_lora"]
+    # WeightLoRA: below LoRA on every seed of SST-2 and CoLA, above it on every seed of MRPC; WeightLoRA+ the same
+    # but for one CoLA seed of three below LoRA (two above, the mean below).
+    assert all(v < 0 for t in ("sst2", "cola") for v in paired("weightlora", t)["values"])
+    assert all(v > 0 for v in paired("weightlora", "mrpc")["values"] + paired("weightlora_plus", "mrpc")["values"])
+    assert all(v < 0 for v in paired("weightlora_plus", "sst2")["values"])
+    assert (
+        sum(v > 0 for v in paired("weightlora_plus", "cola")["values"])
+        == 2
+        > 0
+        > paired("weightlora_plus", "cola")["mean"]
+    )
+    # The peers: below LoRA on every task, and below WeightLoRA on every task.
+    for arm in ("adalora", "eva"):
+        assert all(paired(arm, t)["mean"] < 0 for t in tasks)
+        assert all(paired(arm, t)["mean"] < paired("weightlora", t)["mean"] for t in tasks)
+    cola_adalora = summary["cola"]["adalora"]["score"]
+    # Random against optimised selection: behind on average on every task, on every seed on MRPC only (ahead on two
+    # seeds of three on SST-2 and CoLA).
+    assert all(versus[t]["mean"] < 0 for t in tasks) and all(v < 0 for v in versus["mrpc"]["values"])
+    assert all(sum(v > 0 for v in versus[t]["values"]) == 2 for t in ("sst2", "cola"))
+    shares = {t: study["rank_shares"][t]["weightlora"] for t in tasks}
+    deep = {t: sum(shares[t]["layer"][layer] for layer in ("3", "4", "5")) for t in tasks}
+    query_key = {t: shares[t]["projection"]["query"] + shares[t]["projection"]["key"] for t in tasks}
+    value_ffn = {t: sum(shares[t]["projection"][p] for p in ("value", "intermediate", "output")) for t in tasks}
+    assert query_key["cola"] == query_key["mrpc"] == 0
+    for task in tasks:  # "faster": WeightLoRA's runs are the shortest of the three on every task
+        assert summary[task]["weightlora"]["run_minutes"]["mean"] < min(
+            summary[task][arm]["run_minutes"]["mean"] for arm in ("lora", "adalora", "eva")
+        )
+    above_lora = [arm for arm, row in overall.items() if (row["vs_lora_average"] or 0) > 0]
+    assert above_lora == ["weightlora_plus"]  # "the one arm above LoRA on average"
+    selected = [
+        summary[t][arm]["kept_jaccard_across_seeds"] for t in tasks for arm in ("weightlora", "weightlora_plus")
+    ]
+    random_jaccard = {round(summary[t]["random"]["kept_jaccard_across_seeds"], 2) for t in tasks}
+    assert len(random_jaccard) == 1  # the random sets depend on the seed only
+    return {
+        "jaccard": f"kept-set Jaccard {min(selected):.2f}-{max(selected):.2f} across seeds against "
+        f"{random_jaccard.pop():.2f} for the random sets",
+        "fewer parameters": f"With {share('weightlora')} of LoRA's trainable parameters it ends "
+        f"{per_task('weightlora')} against LoRA (the paper, at the same rank on DeBERTaV3-base: "
+        + ", ".join(f"{GLUE_TITLES[t]} {paper['weightlora'][t]:+.4f}" for t in tasks)
+        + ")",
+        "plus": f"At {share('weightlora_plus')} of LoRA's parameters it ends {per_task('weightlora_plus')}",
+        "peers": f"AdaLoRA ends {per_task('adalora')} against LoRA and EVA {per_task('eva')}",
+        "peers average": f"averaged over the three tasks, WeightLoRA is {overall['weightlora']['vs_lora_average']:+.4f} "
+        f"from LoRA, AdaLoRA {overall['adalora']['vs_lora_average']:+.4f} and EVA "
+        f"{overall['eva']['vs_lora_average']:+.4f}",
+        "peers budget": f"their saved adapters hold {share('adalora')} and {share('eva')} of LoRA's parameters against "
+        f"WeightLoRA's {share('weightlora')}",
+        "cola adalora": f"AdaLoRA's CoLA MCC of {cola_adalora['mean']:.3f}",
+        "wall time": f"A run took {minutes('weightlora')} minutes with WeightLoRA, {minutes('lora')} with LoRA, "
+        f"{minutes('adalora')} with AdaLoRA and {minutes('eva')} with EVA",
+        "memory": f"WeightLoRA's process peaked {min(rss('weightlora')) * 100:.0f}-{max(rss('weightlora')):.0%} below "
+        f"LoRA's resident memory, AdaLoRA's and EVA's within {max(abs(v) for v in rss('adalora') + rss('eva')):.1%} "
+        "of it",
+        "random": "random minus WeightLoRA is "
+        + ", ".join(f"{GLUE_TITLES[t]} {spread(versus[t])}" for t in tasks)
+        + " (the paper: "
+        + ", ".join(f"{GLUE_TITLES[t]} {paper['random_minus_weightlora'][t]:+.4f}" for t in tasks)
+        + ")",
+        "projections": "WeightLoRA's kept adapters are "
+        + ", ".join(f"{value_ffn[t]:.0%}" for t in tasks)
+        + " value and feed-forward projections (SST-2, CoLA, MRPC), "
+        + f"no query or key projection on CoLA and MRPC, {query_key['sst2']:.0%} on SST-2",
+        "layers": "the three deeper layers hold " + ", ".join(f"{deep[t]:.0%}" for t in tasks) + " of them",
+    }
+
+
+def test_benchmarks_page_states_the_glue_studys_numbers(glue):
+    _, study = glue
+    runs, settings = study["runs"], study["settings"]
+    plans = settings["plans"]
+    setup = [
+        ", ".join(f"{GLUE_TITLES[t]} {plans[t]['steps']} steps of {plans[t]['batch_size']}" for t in GLUE_TITLES),
+        f"{len(runs)} runs of {study['total_run_minutes'] / len(runs):.1f} minutes on average, "
+        f"{study['total_run_minutes'] / 60:.1f} h in all, on a {study['machine']['cpus']}-core CPU, "
+        f"{study['date'][:10]}",
+    ]
+    assert_states("benchmarks", *setup, *glue_answers(study).values())
+
+
+def test_readme_glue_answers_are_the_studys(glue):
+    _, study = glue
+    answers = glue_answers(study)
+    assert_states("README", *(answers[k] for k in ("fewer parameters", "plus", "peers average", "wall time", "random")))
+
+
+def test_the_configs_help_says_what_the_glue_study_found(glue):
+    """`reinit` and `selection`'s help word the GLUE study's findings by their signs: reinit=False against
+    re-initialising (paired by seed, mean over seeds) on one side on some tasks, the other on others, and never by
+    0.005; random selection behind WeightLoRA on average on every task, on every seed on MRPC only."""
+    from wlora_trl import WeightLoraConfig
+
+    _, study = glue
+    fields = WeightLoraConfig.__dataclass_fields__
+    scores = {}
+    for run in study["runs"]:
+        task, arm = run["name"].split("/", 1)
+        scores.setdefault(task, {}).setdefault(arm, {})[run["seed"]] = run["score"]
+    keep_minus_reinit = {
+        task: statistics.mean(arms["weightlora_keep"][seed] - arms["weightlora"][seed] for seed in arms["weightlora"])
+        for task, arms in scores.items()
+        if task in GLUE_TITLES
+    }
+    signs = {value > 0 for value in keep_minus_reinit.values()}
+    assert signs == {True, False} and max(abs(value) for value in keep_minus_reinit.values()) < 0.005
+    finding = "GLUE study on an encoder it made no consistent difference (either sign, by seed and by task)"
+    assert finding in prose(fields["reinit"].metadata["help"]) and finding in prose(WeightLoraConfig.__doc__)
+    versus = [v for task, v in study["random_minus_weightlora"].items() if task in GLUE_TITLES]
+    assert all(v["mean"] < 0 for v in versus)  # "ahead on average on every task"
+    assert [all(x < 0 for x in v["values"]) for v in versus] == [False, False, True]  # "on every seed on MRPC only"
+    finding = "in the GLUE study on an encoder it was ahead on average on every task, on every seed on MRPC only"
+    assert finding in prose(fields["selection"].metadata["help"]) and finding in prose(WeightLoraConfig.__doc__)
 
 
 # --- speed and memory on the CPU -----------------------------------------------------------------------------------

@@ -84,12 +84,17 @@ def quality():
     return module, result("quality.json")
 
 
+def assert_benchmarks_page_shows_the_study(module, study: dict, name: str) -> None:
+    """A study's tables are its renderer's output from the committed JSON, as committed in `<name>.md` and shown on
+    the benchmarks page with its plot."""
+    tables = module.markdown(study)
+    assert (RESULTS / f"{name}.md").read_text() == tables
+    assert tables in page("benchmarks")
+    assert f"](../../benchmarks/results/{name}.png)" in page("benchmarks")
+
+
 def test_benchmarks_page_shows_the_committed_quality_tables(quality):
-    module, study = quality
-    table = module.markdown(study)
-    assert (RESULTS / "quality.md").read_text() == table
-    assert table in page("benchmarks")
-    assert "](../../benchmarks/results/quality.png)" in page("benchmarks")
+    assert_benchmarks_page_shows_the_study(*quality, "quality")
 
 
 def test_readme_headline_table_is_the_studys_arms_table(quality):
@@ -226,13 +231,9 @@ def glue():
 
 
 def test_benchmarks_page_shows_the_committed_glue_tables(glue):
-    module, study = glue
-    tables = module.markdown(study)
-    assert (RESULTS / "glue.md").read_text() == tables
-    assert tables in page("benchmarks")
-    assert "](../../benchmarks/results/glue.png)" in page("benchmarks")
-    settings = study["settings"]
-    assert set(settings) >= {"tasks", "arms", "seeds"}
+    _, study = glue
+    assert_benchmarks_page_shows_the_study(*glue, "glue")
+    assert set(study["settings"]) >= {"tasks", "arms", "seeds"}
     for run in study["runs"]:  # every run the tables count is a committed record, with the score it recorded
         record = json.loads((RESULTS / "glue_runs" / f"{run['name']}_seed{run['seed']}.json").read_text())
         assert record["score"] == run["score"]
@@ -342,7 +343,7 @@ def glue_answers(study: dict) -> dict[str, str]:
 
 
 def test_benchmarks_page_states_the_glue_studys_numbers(glue):
-    _, study = glue
+    module, study = glue
     runs, settings = study["runs"], study["settings"]
     plans = settings["plans"]
     setup = [
@@ -351,6 +352,11 @@ def test_benchmarks_page_states_the_glue_studys_numbers(glue):
         f"{study['total_run_minutes'] / 60:.1f} h in all, on a {study['machine']['cpus']}-core CPU, "
         f"{study['date'][:10]}",
     ]
+    planned = module.parse_args([]).sweep_seeds
+    if settings["sweep_seeds"] < planned:  # a sweep still under way says so
+        assert (settings["sweep_seeds"], planned) == (1, 2)
+        runs_to_go = len(settings["sweep_ranks"]) * 3
+        setup.append(f"has its first seed so far, so no spread: its second seed's {runs_to_go} runs are still to go")
     assert_states("benchmarks", *setup, *glue_answers(study).values())
 
 

@@ -2,7 +2,7 @@
 
 Each function names what it touches and why there is no public way. `tests/test_compat.py` checks every item
 against the installed versions, so an upgrade that moves one of them fails there, loudly, rather than in a run.
-Checked with accelerate 1.15, torch 2.11-2.13, transformers 5.17-5.24.
+Checked with accelerate 1.15-1.16, torch 2.11-2.13, transformers 5.17-5.25.
 """
 
 from __future__ import annotations

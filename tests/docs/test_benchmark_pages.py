@@ -360,6 +360,35 @@ def test_benchmarks_page_states_the_glue_studys_numbers(glue):
     assert_states("benchmarks", *setup, *glue_answers(study).values())
 
 
+def test_benchmarks_page_states_the_rank_sweep(glue):
+    """The rank sweep's plain answer: both selection arms below LoRA at ranks 2-8 and within their spread of it at
+    16, worded from the sweep's paired differences, beside the paper's Table 2."""
+    module, study = glue
+    sweep, task = study["sweep"], study["settings"]["sweep_task"]
+    assert list(sweep) == ["2", "4", "8", "16"] and study["settings"]["sweep_seeds"] == 2
+    arms = ("weightlora", "weightlora_plus")
+    for arm in arms:
+        for rank, point in sweep.items():
+            paired = point[arm]["vs_lora_paired"]
+            assert len(paired["values"]) == 2
+            if rank == "16":  # "level with it at 16"
+                assert 0 < paired["mean"] < paired["std"]
+            else:  # "below LoRA at ranks 2 to 8"
+                assert paired["mean"] < 0
+    ours = {arm: ", ".join(spread(sweep[rank][arm]["vs_lora_paired"]) for rank in sweep) for arm in arms}
+    paper = {
+        arm: ", ".join(f"{module.paper_differences(int(rank))[arm][task]:+.4f}" for rank in ("2", "4", "8"))
+        for arm in arms
+    }
+    assert_states(
+        "benchmarks",
+        f"WeightLoRA minus LoRA at the same rank is {ours['weightlora']} at ranks 2, 4, 8, 16, WeightLoRA+ "
+        f"{ours['weightlora_plus']} (the paper's Table 2: WeightLoRA {paper['weightlora']} and WeightLoRA+ "
+        f"{paper['weightlora_plus']} at ranks 2, 4, 8)",
+        f"with the second it is {sweep['16']['weightlora_plus']['vs_lora_paired']['mean']:+.3f}, inside its spread",
+    )
+
+
 def test_readme_glue_answers_are_the_studys(glue):
     _, study = glue
     answers = glue_answers(study)

@@ -14,9 +14,9 @@ rows, shuffled per seed), steps, batch, learning rate and seed; only the adapter
   weightlora_plus_keep  WeightLoRA+ with reinit=False
   adalora, eva          stock PEFT's adaptive-rank peers at WeightLoRA's budget (AdaLoRA init_r = r pruned to an
                         average rank r/2; EVA rank r/2 per module, rho = 2: k*n*r ranks in all, as WeightLoRA keeps;
-                        `wlora_trl.recipes.peers` explains the matching). Not in the committed 24 runs yet:
-                        `python benchmarks/quality.py --peers` trains their 6 runs (about 70 minutes, estimated
-                        from the other arms' 11 minutes a run; not measured) and re-renders.
+                        `wlora_trl.recipes.peers` explains the matching). Not in the rendered 24-run study yet:
+                        their seed-0 records are committed (a run took 24 minutes with AdaLoRA, 20 with EVA);
+                        `python benchmarks/quality.py --peers` trains the other 4 (about 1.5 h) and re-renders.
 Sweeps on the first seed (the knobs the paper does not fix for causal LMs): K in {0.25, 0.5, 0.75}, T for both
 `weightlora` and `weightlora_keep`, and omega_lr in {10, 100, 1000}.
 

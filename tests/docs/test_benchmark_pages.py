@@ -224,8 +224,10 @@ def test_benchmarks_page_states_the_gsm8k_peers_recorded_so_far(quality):
     seed0 = {
         arm: json.loads((runs / f"{arm}_seed0.json").read_text()) for arm in ("lora", "weightlora", *module.PEER_ARMS)
     }
-    recorded = sorted(path.stem for arm in module.PEER_ARMS for path in runs.glob(f"{arm}_seed*.json"))
-    assert recorded == ["adalora_seed0", "eva_seed0"]  # "seed 0 so far"
+    recorded = {path.stem for arm in module.PEER_ARMS for path in runs.glob(f"{arm}_seed*.json")}
+    peer_runs = [f"{arm}_seed{seed}" for seed in (0, 1, 2) for arm in module.PEER_ARMS]  # the study's order
+    to_go = [run for run in peer_runs if run not in recorded]
+    later = [run for run in peer_runs if run in recorded and not run.endswith("_seed0")]
     versus = {arm: seed0[arm]["heldout_loss"] - seed0["lora"]["heldout_loss"] for arm in seed0}
     minutes = {arm: seed0[arm]["seconds"]["run"] / 60 for arm in seed0}
     lora0 = next(run["heldout_loss"] for run in study["runs"]["lora"] if run["seed"] == 0)
@@ -247,8 +249,16 @@ def test_benchmarks_page_states_the_gsm8k_peers_recorded_so_far(quality):
         f"is at {best:+.4f})",
         f"A run took {minutes['adalora']:.0f} minutes with AdaLoRA and {minutes['eva']:.0f} with EVA, against "
         f"{minutes['lora']:.0f} with LoRA and {minutes['weightlora']:.0f} with WeightLoRA on that seed",
-        f"Seeds 1 and 2 ({2 * len(module.PEER_ARMS)} runs) are still to go",
+        f"Still to go: {len(to_go)} runs ({', '.join(to_go)})",
     )
+    titles = {"adalora": "AdaLoRA", "eva": "EVA"}
+    for run in later:  # recorded beyond seed 0, each against LoRA's run of its seed
+        arm, seed = run.rsplit("_seed", 1)
+        record = json.loads((runs / f"{run}.json").read_text())
+        lora = json.loads((runs / f"lora_seed{seed}.json").read_text())
+        assert_states(
+            "benchmarks", f"{titles[arm]}'s seed {seed}: {record['heldout_loss'] - lora['heldout_loss']:+.4f}"
+        )
 
 
 def test_readme_plain_answers_are_the_studys(quality):

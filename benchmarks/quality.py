@@ -15,8 +15,8 @@ rows, shuffled per seed), steps, batch, learning rate and seed; only the adapter
   adalora, eva          stock PEFT's adaptive-rank peers at WeightLoRA's budget (AdaLoRA init_r = r pruned to an
                         average rank r/2; EVA rank r/2 per module, rho = 2: k*n*r ranks in all, as WeightLoRA keeps;
                         `wlora_trl.recipes.peers` explains the matching). Not in the rendered 24-run study yet:
-                        AdaLoRA's seeds 0-1 and EVA's seed 0 are committed (a run took 24 minutes with AdaLoRA,
-                        20 with EVA); `python benchmarks/quality.py --peers` trains the other 3 (about 1 h) and
+                        seeds 0-1 of both are committed (a run took 24 minutes with AdaLoRA, 20 with EVA);
+                        `python benchmarks/quality.py --peers` trains the 2 of seed 2 (about 45 minutes) and
                         re-renders.
 Sweeps on the first seed (the knobs the paper does not fix for causal LMs): K in {0.25, 0.5, 0.75}, T for both
 `weightlora` and `weightlora_keep`, and omega_lr in {10, 100, 1000}.

@@ -280,7 +280,8 @@ def test_quality_study_renders_unchanged_with_the_peer_arms_added(monkeypatch, c
     assert "| adalora |" not in arms_table and "| eva |" not in arms_table
     assert all(line in out.splitlines() for line in arms_table.splitlines())
     records = {path.stem for path in (REPO / "benchmarks" / "results" / "quality_runs").glob("*.json")}
-    peer_runs = [f"{arm}_seed{seed}" for seed in (0, 1, 2) for arm in quality.PEER_ARMS]
+    seeds = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())["settings"]["seeds"]
+    peer_runs = [f"{arm}_seed{seed}" for seed in seeds for arm in quality.PEER_ARMS]  # seed-major, as the driver runs
     to_go = [run for run in peer_runs if run not in records]
     assert f"{len(records)} runs recorded; {len(to_go)} to go: {', '.join(to_go)}" in out
     for arm in quality.PEER_ARMS:

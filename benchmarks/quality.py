@@ -1,6 +1,6 @@
 """Does WeightLoRA pay off? SFT of SmolLM2-135M-Instruct on GSM8K, every arm side by side, resumable from the repo.
 
-    python benchmarks/quality.py                          # the study the README reports (~3 h on 2 CPU cores, bf16)
+    python benchmarks/quality.py                          # the study the README reports (6.5 h on 2 CPU cores, bf16)
     python benchmarks/quality.py --sweeps                 # the arms only
     python benchmarks/quality.py --em_limit 250           # also GSM8K exact match through lm-eval (slow on a CPU)
 
@@ -14,10 +14,8 @@ rows, shuffled per seed), steps, batch, learning rate and seed; only the adapter
   weightlora_plus_keep  WeightLoRA+ with reinit=False
   adalora, eva          stock PEFT's adaptive-rank peers at WeightLoRA's budget (AdaLoRA init_r = r pruned to an
                         average rank r/2; EVA rank r/2 per module, rho = 2: k*n*r ranks in all, as WeightLoRA keeps;
-                        `wlora_trl.recipes.peers` explains the matching). Not in the rendered 24-run study yet:
-                        seeds 0-1 of both are committed (a run took 24 minutes with AdaLoRA, 20 with EVA);
-                        `python benchmarks/quality.py --peers` trains the 2 of seed 2 (about 45 minutes) and
-                        re-renders.
+                        `wlora_trl.recipes.peers` explains the matching); a run takes about twice LoRA's time
+                        (AdaLoRA allocates ranks every step, EVA runs its SVD pass over the data first).
 Sweeps on the first seed (the knobs the paper does not fix for causal LMs): K in {0.25, 0.5, 0.75}, T for both
 `weightlora` and `weightlora_keep`, and omega_lr in {10, 100, 1000}.
 
@@ -56,8 +54,6 @@ from benchmarks.study import (  # noqa: E402  (after the path line: run as a scr
 )
 
 ARMS = dict(ARM_FLAGS)  # every arm, the peers last
-PEER_ARMS = ("adalora", "eva")
-COMMITTED_ARMS = tuple(name for name in ARMS if name not in PEER_ARMS)  # the study as committed (24 runs)
 RUNS_DIR = REPO / "benchmarks" / "results" / "quality_runs"
 
 
@@ -176,15 +172,20 @@ def plot(result: dict, path: Path) -> None:
 
     summary, sweeps = result["summary"], result["sweeps"]
     arms = [name for name in summary if name != "lora"]
-    fig, axes = plt.subplots(1, 1 + len(sweeps), figsize=(5.2 * (1 + len(sweeps)), 3.8), squeeze=False)
+    # The arms' panel is twice as wide: it holds every arm's label, the sweeps three or four.
+    fig, axes = plt.subplots(
+        1, 1 + len(sweeps), figsize=(5.2 * (2 + len(sweeps)), 4.4), squeeze=False,
+        gridspec_kw={"width_ratios": [2] + [1] * len(sweeps)},
+    )  # fmt: skip
     axes = list(axes[0])
     means = [summary[n]["vs_lora_paired"]["mean"] for n in arms]
     errors = [summary[n]["vs_lora_paired"]["std"] for n in arms]
     axes[0].bar(arms, means, yerr=errors, capsize=4, color=["#c44e52" if m > 0 else "#55a868" for m in means])
     axes[0].axhline(0, color="black", linewidth=0.8)
-    axes[0].set_ylabel("held-out loss minus LoRA's (paired by seed)")
+    axes[0].set_ylabel("held-out loss minus LoRA's\n(paired by seed)")
     axes[0].set_title("below 0: better than LoRA")
     axes[0].tick_params(axis="x", rotation=30)
+    plt.setp(axes[0].get_xticklabels(), ha="right", rotation_mode="anchor")
     for ax, (knob, points) in zip(axes[1:], sweeps.items()):
         labels = list(points)
         ax.bar(labels, [points[p]["vs_lora"] for p in labels], color="#4c72b0")
@@ -192,6 +193,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"sweep of {knob} (seed {result['settings']['seeds'][0]})")
         ax.set_ylabel("minus LoRA (same seed)")
         ax.tick_params(axis="x", rotation=30)
+        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -220,11 +222,7 @@ def sweep_points(args) -> dict[str, dict[str, tuple[str, list[str]]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=list(COMMITTED_ARMS), choices=list(ARMS))
-    parser.add_argument(
-        "--peers", action="store_true",
-        help="add the adalora and eva arms (stock PEFT at WeightLoRA's budget) to --arms",
-    )  # fmt: skip
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument(
@@ -245,8 +243,6 @@ def main() -> None:
     parser.add_argument("--em_limit", type=int, default=0, help="also GSM8K exact match on N questions (lm-eval)")
     add_study_arguments(parser, RUNS_DIR, "outputs/quality", REPO / "benchmarks" / "results" / "quality.json")
     args = finish_arguments(parser.parse_args())
-    if args.peers:
-        args.arms = list(dict.fromkeys([*args.arms, *PEER_ARMS]))
     if "lora" not in args.arms:
         parser.error("every comparison is paired with LoRA: keep lora in --arms")
 

@@ -195,12 +195,18 @@ def test_quality_benchmark_smoke(tmp_path):
 
 
 def test_the_committed_quality_study_is_complete():
-    """The committed records are the whole study on its default settings (nothing left to train). That the docs show
-    its tables and numbers: tests/docs/test_benchmark_pages.py."""
-    result = json.loads((QUALITY.parent / "results" / "quality.json").read_text())
+    """The committed records are the whole study on its default settings, the peers included: `--no_train` trains
+    nothing, finds nothing to go and prints the committed tables. That the docs show its tables and numbers:
+    tests/docs/test_benchmark_pages.py."""
+    results = QUALITY.parent / "results"
+    result = json.loads((results / "quality.json").read_text())
     assert result["settings"]["max_steps"] == 300 and result["settings"]["seeds"] == [0, 1, 2]
+    assert {"lora", "weightlora", "weightlora_plus", "random", "adalora", "eva"} <= set(result["summary"])
     assert all(len(arm["heldout_loss"]["values"]) == 3 for arm in result["summary"].values())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     progress = subprocess.run([sys.executable, str(QUALITY), "--no_train"], capture_output=True, text=True, env=env)
     assert progress.returncode == 0, progress.stderr[-2000:]
-    assert "24 runs recorded; 0 to go" in progress.stdout
+    records = len(list((results / "quality_runs").glob("*.json")))
+    assert f"{records} runs recorded; 0 to go" in progress.stdout
+    committed_tables = (results / "quality.md").read_text()
+    assert committed_tables.strip() in progress.stdout

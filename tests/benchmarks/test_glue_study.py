@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import glue, quality  # noqa: E402
+from benchmarks import glue  # noqa: E402
 from benchmarks.study import Study, add_study_arguments, finish_arguments, jaccard  # noqa: E402
 
 MODULES = [
@@ -258,34 +258,6 @@ def test_the_committed_glue_study_renders_as_committed():
     result = json.loads(committed.read_text())
     assert committed.with_suffix(".md").read_text() == glue.markdown(result)
     assert {"tasks", "arms", "seeds"} <= set(result["settings"])
-
-
-# --- the GSM8K driver with its peer arms not run yet --------------------------------------------------------------
-
-
-def test_quality_study_renders_unchanged_with_the_peer_arms_added(monkeypatch, capsys):
-    """`--peers` adds adalora and eva: the runs without records are listed as to go, the recorded ones get their
-    rows, and the committed arms' rows are the committed ones (the committed tables leave the peers out until all
-    their seeds are in)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("--no_train trained a run")
-
-    monkeypatch.setattr(quality, "train_run", refuse)
-    monkeypatch.setattr(sys, "argv", ["quality.py", "--no_train", "--peers"])
-    quality.main()
-    out = capsys.readouterr().out
-    committed = (REPO / "benchmarks" / "results" / "quality.md").read_text()
-    arms_table = committed.split("\n\n")[0]
-    assert "| adalora |" not in arms_table and "| eva |" not in arms_table
-    assert all(line in out.splitlines() for line in arms_table.splitlines())
-    records = {path.stem for path in (REPO / "benchmarks" / "results" / "quality_runs").glob("*.json")}
-    seeds = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())["settings"]["seeds"]
-    peer_runs = [f"{arm}_seed{seed}" for seed in seeds for arm in quality.PEER_ARMS]  # seed-major, as the driver runs
-    to_go = [run for run in peer_runs if run not in records]
-    assert f"{len(records)} runs recorded; {len(to_go)} to go: {', '.join(to_go)}" in out
-    for arm in quality.PEER_ARMS:
-        assert (f"| {arm} |" in out) == any(run.startswith(f"{arm}_seed") for run in records)
 
 
 # --- end to end on the real model ---------------------------------------------------------------------------------

@@ -123,7 +123,22 @@ def quality_answers(study: dict) -> dict[str, str]:
     assert all(v > 0 for v in weightlora["values"])  # "on every seed"
     assert sum(v < 0 for v in plus["values"]) == 2  # "better on two seeds of three"
     assert all(v < 0 for v in plus_keep["values"])  # "on every seed"
-    assert [n for n, p in paired.items() if all(v < 0 for v in p["values"])] == ["weightlora_plus_keep"]  # "the only"
+    below_lora_on_every_seed = [n for n, p in paired.items() if all(v < 0 for v in p["values"])]
+    assert below_lora_on_every_seed == ["weightlora_plus_keep", "eva"]  # "the only WeightLoRA arm", and EVA
+    adalora, eva = paired["adalora"], paired["eva"]
+    best_weightlora = {seed: min(loss[n][seed] for n in paired if n.startswith("weightlora")) for seed in range(3)}
+    assert all(eva_loss < best_weightlora[seed] for seed, eva_loss in enumerate(loss["eva"]))  # "below every"
+    assert min(adalora["values"]) > max(max(p["values"]) for n, p in paired.items() if n != "adalora")  # "behind"
+    minutes = {name: arm["run_minutes"]["mean"] for name, arm in summary.items()}
+    n = 2 * len(runs["weightlora"][0]["kept"])  # K = n/2
+    assert all(len(run["kept"]) == n for run in runs["eva"])  # "every one of the n"
+    eva_ranks = {
+        rank
+        for seed in study["settings"]["seeds"]
+        for rank in json.loads((RESULTS / "quality_runs" / f"eva_seed{seed}.json").read_text())["peer"][
+            "final_ranks"
+        ].values()
+    }
     versus_random = minus("weightlora", "random")
     assert all(v < 0 for v in versus_random)
     keep_wl, keep_plus = minus("weightlora_keep", "weightlora"), minus("weightlora_plus_keep", "weightlora_plus")
@@ -157,8 +172,19 @@ def quality_answers(study: dict) -> dict[str, str]:
         "on two seeds, even on the third)",
         "plus, short": f"With re-initialisation it ends {spread(plus)} against LoRA (better on two seeds of three)",
         "plus keep": f"WeightLoRA+ is below LoRA on every seed: {spread(plus_keep)} ({signed(plus_keep['values'])}), "
-        "the only arm that beats LoRA on all three",
+        "the only WeightLoRA arm that beats LoRA on all three",
         "plus keep, short": f"it is below LoRA on every seed: {spread(plus_keep)}",
+        "peers": f"EVA, with {params['eva'] / params['lora']:.0%} of LoRA's trainable parameters, ends {spread(eva)} "
+        f"against LoRA ({signed(eva['values'])}), below every WeightLoRA arm on every seed",
+        "peers, adalora": f"AdaLoRA, with {params['adalora'] / params['lora']:.0%}, ends {spread(adalora)}, behind "
+        "every arm on every seed",
+        "peers, gain": f"{statistics.mean(eva['values']) / statistics.mean(plus_keep['values']):.0f} times "
+        f"WeightLoRA+'s best gain (`reinit=False`, {statistics.mean(plus_keep['values']):+.4f}), at fewer parameters "
+        f"than WeightLoRA's {params['weightlora'] / params['lora']:.0%}",
+        "peers, modules": f"EVA leaves every one of the {n} with a rank ({min(eva_ranks)} to {max(eva_ranks)}), "
+        f"AdaLoRA {span([len(run['kept']) for run in runs['adalora']], 0)} of them",
+        "peers, time": f"A run took {minutes['eva']:.0f} minutes with EVA and {minutes['adalora']:.0f} with AdaLoRA, "
+        f"against {minutes['lora']:.0f} with LoRA and {minutes['weightlora']:.0f} with WeightLoRA",
         "plus budget": f"Both train {params['weightlora_plus'] / params['lora']:.0%} of LoRA's parameters",
         "plus extra": f"the extra {params['weightlora_plus'] / params['lora'] - 1:.0%}",
         "random": f"StoIHT's kept set ends {-statistics.mean(versus_random):.4f} below random selection's loss on "
@@ -192,8 +218,7 @@ def test_benchmarks_page_states_the_quality_studys_numbers(quality):
     settings = study["settings"]
     steps, t = settings["max_steps"], int(settings["selection_steps"])
     records = [json.loads(path.read_text()) for path in (RESULTS / "quality_runs").glob("*.json")]
-    # The peers' records count once the study renders them (committed seed by seed before that).
-    count = sum(record["name"] in study["runs"] or record["name"] not in module.PEER_ARMS for record in records)
+    count = len(records)  # the arms' runs and the sweeps' (all of them rendered: nothing is left to go)
     first = study["runs"]["weightlora"][0]
     setup = [
         f"{steps} optimizer steps of batch {settings['batch_size']} (max {settings['max_length']} tokens) over the "
@@ -214,51 +239,10 @@ def test_benchmarks_page_states_the_quality_studys_numbers(quality):
     assert_states("benchmarks", *setup, *(v for k, v in answers.items() if k not in short))
 
 
-def test_benchmarks_page_states_the_gsm8k_peers_recorded_so_far(quality):
-    """Until the study renders AdaLoRA and EVA (all three seeds), the page states their committed seed-0 records
-    against LoRA's, WeightLoRA's and the study's best arm's seed 0, and their wall time, from the records."""
-    module, study = quality
-    if all(arm in study["runs"] for arm in module.PEER_ARMS):
-        pytest.skip("the study renders the peers: their rows are in its tables")
-    runs = RESULTS / "quality_runs"
-    seed0 = {
-        arm: json.loads((runs / f"{arm}_seed0.json").read_text()) for arm in ("lora", "weightlora", *module.PEER_ARMS)
-    }
-    recorded = {path.stem for arm in module.PEER_ARMS for path in runs.glob(f"{arm}_seed*.json")}
-    peer_runs = [f"{arm}_seed{seed}" for seed in study["settings"]["seeds"] for arm in module.PEER_ARMS]  # its order
-    to_go = [run for run in peer_runs if run not in recorded]
-    later = [run for run in peer_runs if run in recorded and not run.endswith("_seed0")]
-    versus = {arm: seed0[arm]["heldout_loss"] - seed0["lora"]["heldout_loss"] for arm in seed0}
-    minutes = {arm: seed0[arm]["seconds"]["run"] / 60 for arm in seed0}
-    lora0 = next(run["heldout_loss"] for run in study["runs"]["lora"] if run["seed"] == 0)
-    best_arm, best = min(
-        ((arm, run["heldout_loss"] - lora0) for arm, arm_runs in study["runs"].items() if arm != "lora"
-         for run in arm_runs if run["seed"] == 0),
-        key=lambda pair: pair[1],
-    )  # fmt: skip
-    assert best_arm == "weightlora_plus_keep"  # "WeightLoRA+ with reinit=False"
-    assert versus["eva"] < best < 0 < versus["weightlora"] < versus["adalora"]  # the order the paragraph words
-    glue_eva = json.loads((RESULTS / "glue.json").read_text())["summary"]
-    assert all(glue_eva[task]["eva"]["vs_lora_paired"]["mean"] < 0 for task in GLUE_TITLES)  # "trails LoRA on GLUE"
-    share = seed0["eva"]["trainable_parameters"] / seed0["lora"]["trainable_parameters"]
-    assert_states(
-        "benchmarks",
-        f"On seed 0 AdaLoRA ends {versus['adalora']:+.4f} and EVA {versus['eva']:+.4f} against LoRA's held-out loss "
-        f"(lower is better), against WeightLoRA's {versus['weightlora']:+.4f} on that seed: EVA, with {share:.0%} of "
-        "LoRA's trainable parameters, beats LoRA and every arm",
-        f"is at {best:+.4f})",
-        f"A run took {minutes['adalora']:.0f} minutes with AdaLoRA and {minutes['eva']:.0f} with EVA, against "
-        f"{minutes['lora']:.0f} with LoRA and {minutes['weightlora']:.0f} with WeightLoRA on that seed",
-        f"Still to go: {len(to_go)} runs ({', '.join(to_go)})",
-    )
-    titles = {"adalora": "AdaLoRA", "eva": "EVA"}
-    for run in later:  # recorded beyond seed 0, each against LoRA's run of its seed
-        arm, seed = run.rsplit("_seed", 1)
-        record = json.loads((runs / f"{run}.json").read_text())
-        lora = json.loads((runs / f"lora_seed{seed}.json").read_text())
-        assert_states(
-            "benchmarks", f"{titles[arm]}'s seed {seed}: {record['heldout_loss'] - lora['heldout_loss']:+.4f}"
-        )
+README_QUALITY_ANSWERS = (
+    "fewer parameters", "plus, short", "plus keep, short", "random, short", "jaccard", "peers", "peers, adalora",
+    "peers, time",
+)  # fmt: skip
 
 
 def test_readme_plain_answers_are_the_studys(quality):
@@ -266,7 +250,7 @@ def test_readme_plain_answers_are_the_studys(quality):
     answers = quality_answers(study)
     assert_states(
         "README",
-        *(answers[k] for k in ("fewer parameters", "plus, short", "plus keep, short", "random, short", "jaccard")),
+        *(answers[k] for k in README_QUALITY_ANSWERS),
     )
 
 
@@ -465,6 +449,29 @@ def test_the_configs_help_says_what_the_glue_study_found(glue):
     assert [all(x < 0 for x in v["values"]) for v in versus] == [False, False, True]  # "on every seed on MRPC only"
     finding = "in the GLUE study on an encoder it was ahead on average on every task, on every seed on MRPC only"
     assert finding in prose(fields["selection"].metadata["help"]) and finding in prose(WeightLoraConfig.__doc__)
+
+
+def test_the_method_help_says_what_both_studies_found_for_the_peers(quality, glue):
+    """`--method`'s help words the peers' results by their signs in both studies: EVA below every WeightLoRA arm
+    on every GSM8K seed and behind WeightLoRA on every GLUE task; AdaLoRA behind WeightLoRA in both."""
+    from wlora_trl.recipes.common import WeightLoraArguments
+
+    gsm8k, glue_study = quality[1], glue[1]
+    loss = {name: [run["heldout_loss"] for run in runs] for name, runs in gsm8k["runs"].items()}
+    weightlora_arms = [name for name in loss if name.startswith("weightlora")]
+    assert all(loss["eva"][seed] < min(loss[arm][seed] for arm in weightlora_arms) for seed in range(3))
+    assert all(loss["adalora"][seed] > loss["weightlora"][seed] for seed in range(3))
+    for task in GLUE_TITLES:
+        scores = {arm: glue_study["summary"][task][arm]["score"]["mean"] for arm in ("weightlora", "adalora", "eva")}
+        assert scores["weightlora"] > max(scores["eva"], scores["adalora"]), task
+    help_text = prose(WeightLoraArguments.__dataclass_fields__["method"].metadata["help"])
+    assert (
+        prose(
+            "EVA beat every WeightLoRA arm on every seed of the SmolLM2 / GSM8K study and trailed WeightLoRA on every "
+            "GLUE task on an encoder; AdaLoRA trailed WeightLoRA in both, at the same learning rate"
+        )
+        in help_text
+    )
 
 
 # --- speed and memory on the CPU -----------------------------------------------------------------------------------

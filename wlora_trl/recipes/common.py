@@ -65,7 +65,10 @@ class _MethodArguments:
             "'random': K random adapters kept after T steps (the paper's RLoRA ablation; WeightLoraConfig's "
             "selection='random'). 'lora': plain LoRA on every target module, the baseline (stock trainer). "
             "'adalora' / 'eva': stock PEFT's AdaLoRA and EVA at WeightLoRA's budget, k * LoRA's ranks (stock "
-            "trainer; wlora_trl.recipes.peers says how the budgets are matched)."
+            "trainer; wlora_trl.recipes.peers says how the budgets are matched). Which wins depends on the task: in "
+            "the benchmarks (docs: Benchmarks) EVA beat every WeightLoRA arm on every seed of the SmolLM2 / GSM8K "
+            "study and trailed WeightLoRA on every GLUE task on an encoder; AdaLoRA trailed WeightLoRA in both, at "
+            "the same learning rate."
         },
     )
     k: str = _from_config("k", " On the command line: '--k 3' keeps 3, '--k 0.5' half, '--k 1.0' all.", as_text=True)

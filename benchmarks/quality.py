@@ -8,13 +8,13 @@ Every run is the flagship recipe (`wlora_trl.recipes.sft`) with the same data (t
 rows, shuffled per seed), steps, batch, learning rate and seed; only the adapter method differs:
   lora                  plain LoRA, rank r, on all n projections (the baseline)
   weightlora            WeightLoRA, K = n/2, rank r, kept adapters re-initialised at the switch (the paper)
-  weightlora_plus       WeightLoRA+, K = n/2, rank 2r (LoRA's parameter budget), re-initialised
+  weightlora_plus       WeightLoRA+, K = n/2, rank 2r (LoRA's rank budget), re-initialised
   random                K = n/2 random adapters kept after T steps, rank r (the paper's RLoRA ablation)
   weightlora_keep       WeightLoRA with reinit=False: the warm-up's adapters are kept, omega folded into B
   weightlora_plus_keep  WeightLoRA+ with reinit=False
   adalora, eva          stock PEFT's adaptive-rank peers at WeightLoRA's budget (AdaLoRA init_r = r pruned to an
                         average rank r/2; EVA rank r/2 per module, rho = 2: k*n*r ranks in all, as WeightLoRA keeps;
-                        `wlora_trl.recipes.peers` explains the matching); a run takes about twice LoRA's time
+                        `wlora_trl.recipes.peers` explains the matching); a run takes 1.7-1.9x LoRA's time
                         (AdaLoRA allocates ranks every step, EVA runs its SVD pass over the data first).
 Sweeps on the first seed (the knobs the paper does not fix for causal LMs): K in {0.25, 0.5, 0.75}, T for both
 `weightlora` and `weightlora_keep`, and omega_lr in {10, 100, 1000}.

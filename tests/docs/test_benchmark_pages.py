@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from collections import Counter
@@ -360,8 +361,8 @@ def glue_answers(study: dict) -> dict[str, str]:
         "wall time": f"A run took {minutes('weightlora')} minutes with WeightLoRA, {minutes('lora')} with LoRA, "
         f"{minutes('adalora')} with AdaLoRA and {minutes('eva')} with EVA",
         "memory": f"WeightLoRA's process peaked {min(rss('weightlora')) * 100:.0f}-{max(rss('weightlora')):.0%} below "
-        f"LoRA's resident memory, AdaLoRA's and EVA's within {max(abs(v) for v in rss('adalora') + rss('eva')):.1%} "
-        "of it",
+        f"LoRA's resident memory, AdaLoRA's and EVA's within "
+        f"{math.ceil(max(abs(v) for v in rss('adalora') + rss('eva')) * 1000) / 1000:.1%} of it",  # rounded up
         "random": "random minus WeightLoRA is "
         + ", ".join(f"{GLUE_TITLES[t]} {spread(versus[t])}" for t in tasks)
         + " (the paper: "

@@ -537,11 +537,12 @@ _REFUSALS = """
             adapter was not made from one.
         ValueError: At construction: no LoRA adapters (neither `peft_config` nor a PeftModel); several adapters
             that are active, trainable or made from WeightLoraConfigs of their own (a frozen reference copy may
-            stay, except under FSDP2); LoRA on parameters (`target_parameters`, e.g. mixture-of-experts experts with
-            `all-linear`), on embeddings (`ensure_weight_tying=True` included) or on non-linear layers; K < 1 or
-            K > n; T >= `max_steps`; FSDP version 1; DeepSpeed ZeRO stage 0 or 1, NVMe offload or fp16;
+            stay, except under FSDP2); LoRA on embeddings (`ensure_weight_tying=True` included) or on non-linear
+            layers; K < 1 or K > n; T >= `max_steps`; FSDP version 1; DeepSpeed with ZeRO stage 0 or 1, NVMe
+            offload or fp16;
             `load_best_model_at_end=True`; several GPUs in one process (nn.DataParallel); a model that went
-            through the switch already. (LoRA variants, `lora_bias`, unsupported inits, and `plus=True` with a K
+            through the switch already. (LoRA variants, `lora_bias`, unsupported inits, `lora_dropout` with LoRA
+            on parameters (`target_parameters`, the experts of mixture-of-experts models), and `plus=True` with a K
             other than n/2 are refused by `WeightLoraConfig` itself.)
         RuntimeError: During training: several processes but the model is not wrapped in DDP (first step), or
             ranks that hold different omega at the switch.

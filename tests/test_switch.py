@@ -216,6 +216,18 @@ def test_custom_training_loop_without_a_trainer():
     }
 
 
+@pytest.mark.parametrize("warmup_steps, no_gradient", [(0, 1), (2, 2)])
+def test_a_learning_rate_warmup_from_zero_costs_omega_one_more_step(tmp_path, warmup_steps, no_gradient):
+    """Every B starts at zero, so step 1 gives omega no gradient; transformers' warm-up starts at lr = 0, so B is still
+    zero at step 2 and that step gives none either (the method page says so: T counts optimizer steps, not omega's)."""
+    cfg = WeightLoraConfig(r=R, target_modules="all-linear", selection_steps=5)
+    args = cpu_args(tmp_path, max_steps=8, warmup_steps=warmup_steps)
+    trainer = WeightLoraTrainer(tiny_llama(), args, train_dataset=addition_lm_dataset(), peft_config=cfg)
+    trainer.train()
+    assert trainer.weight_lora.omega_steps["skipped_no_gradient"] == no_gradient
+    assert trainer.weight_lora.omega_steps["taken"] == 5 - no_gradient
+
+
 def test_the_switch_seeds_only_the_cpu_generator(monkeypatch):
     """PEFT initialises new adapters on the CPU; reseeding the GPUs' generators (what torch.manual_seed does) would
     make dropout after the switch replay its masks from step 1. The CUDA side is checked on a GPU in tests/gpu."""

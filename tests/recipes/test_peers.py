@@ -3,6 +3,7 @@ data-driven initialisation of A, AdaLoRA's allocation under the stock Trainer an
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -72,7 +73,7 @@ def test_peer_flags_that_cannot_work_are_refused(method, overrides, max_steps, m
         common.build_peft_config(peer_args(method, **overrides), max_steps=max_steps, **LORA)
 
 
-def test_eva_initialises_A_from_the_training_data_and_keeps_the_trainers_data_order(tmp_path):
+def test_eva_initialises_A_from_the_training_data_and_keeps_the_trainers_data_order(tmp_path, capsys):
     config = common.build_peft_config(
         peer_args("eva"), task_type="SEQ_CLS", **{**LORA, "target_modules": ["query", "value"]}
     )
@@ -84,6 +85,8 @@ def test_eva_initialises_A_from_the_training_data_and_keeps_the_trainers_data_or
 
     run = peers.prepare(trainer, "eva")
 
+    printed = capsys.readouterr().out  # the silent pass before training says what it does and when it is done
+    assert "EVA: initialising the adapters" in printed and re.search(r"EVA: initialised in \d+ s", printed)
     assert torch.equal(torch.get_rng_state(), rng_state)  # EVA's shuffle has its own generator
     assert list(trainer.get_train_dataloader().batch_sampler) == order  # so training sees the same order
     after = {name: p for name, p in model.named_parameters() if "lora_A" in name}

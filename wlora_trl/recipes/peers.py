@@ -295,14 +295,20 @@ def _batches_for_eva(trainer):
 
 def initialize_eva(trainer) -> None:
     """EVA's SVD initialisation of A (and its rank redistribution) on the training data, before training starts."""
+    import time
+
     from peft import initialize_lora_eva_weights
 
+    # Tens of seconds before the first training step: say what is happening, and when it is done.
+    trainer.accelerator.print("EVA: initialising the adapters from the SVD of their inputs on the training data ...")
+    start = time.perf_counter()
     initialize_lora_eva_weights(
         trainer.model,
         _batches_for_eva(trainer),
         gather_distributed_inputs=False,  # every process reads the same batches, so each computes the same SVD
         show_progress_bar=not trainer.args.disable_tqdm,
     )
+    trainer.accelerator.print(f"EVA: initialised in {time.perf_counter() - start:.0f} s; training starts.")
 
 
 @dataclass

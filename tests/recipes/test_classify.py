@@ -189,6 +189,28 @@ def test_the_reported_f1_and_accuracy_are_those_of_the_logits(trained, name):
     assert "| F1 (positive class) |" in (run["output_dir"] / "eval_results.md").read_text()
 
 
+def test_the_summary_counts_the_classes_the_trained_model_predicts(trained):
+    for name in METHODS:
+        run = trained[name]
+        predicted = np.unique(np.argmax(run["logits"], axis=-1)).size
+        assert run["summary"]["after_predicted_classes"] == predicted, name
+    assert trained["regression"]["summary"]["after_predicted_classes"] is None
+
+
+def test_a_model_that_predicts_one_class_for_every_row_is_called_out(encoder, tmp_path, capsys):
+    """Every row the same text: the model cannot tell rows apart, so it predicts one class for all of them, and its
+    accuracy is the majority's. The closing lines say so, and what to change, instead of showing it as learning."""
+    data = tmp_path / "same_text.jsonl"  # one file: every 5th row is eval
+    write_jsonl(data, [{"text": "abcdefg", "label": int(i % 3 == 0)} for i in range(60)])
+    flags = tiny_flags(encoder, tmp_path / "out", data, "--text_columns", "text", "--label_column", "label")
+    summary = classify.main(*classify.make_parser().parse_args_and_config([*flags, "--method", "lora"]))
+    assert summary["after_predicted_classes"] == 1
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"predicts one class for all {summary['eval_examples']} validation rows" in printed
+    assert f"the majority class's ({100 * summary['majority_accuracy']:.1f}%)" in printed
+    assert "Train longer (--max_steps) or raise --learning_rate" in printed
+
+
 def test_a_float_label_column_trains_a_regression_and_reports_pearson_and_spearman(trained):
     run = trained["regression"]
     summary, predictions, labels = run["summary"], run["logits"].reshape(-1), run["labels"]

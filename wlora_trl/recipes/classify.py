@@ -212,7 +212,10 @@ def metric_function(spec: glue.TaskSpec):
         logits, labels = eval_prediction.predictions, eval_prediction.label_ids
         logits = logits[0] if isinstance(logits, tuple) else logits
         predictions = logits.reshape(-1) if spec.regression else np.argmax(logits, axis=-1)
-        return compute(spec.metric, predictions, labels)
+        metrics = compute(spec.metric, predictions, labels)
+        if not spec.regression:  # one class for every row: the metric is the majority's, nothing was learnt
+            metrics["predicted_classes"] = int(np.unique(predictions).size)
+        return metrics
 
     return compute_metrics
 
@@ -235,6 +238,25 @@ def _evaluate(trainer, spec: glue.TaskSpec) -> dict:
     with peers.task_loss_only(trainer.model):  # AdaLoRA's regulariser is no part of the eval loss
         metrics = trainer.evaluate()
     return {row["key"]: metrics[row["key"]] for row in table_metrics(spec)}
+
+
+def _predicted_classes(trainer) -> int | None:
+    """How many classes the latest evaluation predicted (counted by `metric_function`, logged by the Trainer)."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_predicted_classes" in entry:
+            return int(entry["eval_predicted_classes"])
+    return None
+
+
+def one_class_warning(summary: dict) -> str:
+    """The line that says a classifier predicts one class for every validation row after training, or ""."""
+    if summary["after_predicted_classes"] != 1:
+        return ""
+    return (
+        f" Warning: after training the model predicts one class for all {summary['eval_examples']} validation rows, "
+        f"so its accuracy is the majority class's ({100 * summary['majority_accuracy']:.1f}%): it has not learnt the "
+        "task yet. Train longer (--max_steps) or raise --learning_rate before comparing methods on it."
+    )
 
 
 def _load_model(model_path: str, spec: glue.TaskSpec, script_args):
@@ -265,8 +287,8 @@ def _build_trainer(script_args, training_args, model, peft_config, shared: dict)
 
 def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments, model_args: ModelConfig) -> dict:
     """Run the recipe; returns {"output_dir", "task", "method", "model", "metric", "kept_adapters", "total_adapters",
-    "majority_accuracy", "before", "after", "score", "trainable_parameters", "ranks", "peak_rss_mib", "timings_s",
-    "files", ...}."""
+    "majority_accuracy", "after_predicted_classes", "before", "after", "score", "trainable_parameters", "ranks",
+    "peak_rss_mib", "timings_s", "files", ...}."""
     from transformers import set_seed
 
     common.show_wlora_logs()
@@ -325,6 +347,7 @@ def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments,
     trainer.save_model(output_dir)
     tick = time.perf_counter()
     results["after"] = _evaluate(trainer, spec)
+    predicted_classes = None if spec.regression else _predicted_classes(trainer)
     timings["eval_after"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
 
@@ -344,6 +367,7 @@ def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments,
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),
         "majority_accuracy": task.majority_share(),
+        "after_predicted_classes": predicted_classes,
         "before": results.get("before"),
         "after": results["after"],
         "score": {phase: results[phase]["eval_score"] for phase in ("before", "after") if results.get(phase)},
@@ -363,7 +387,7 @@ def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments,
         f"{spec.title} before/after {method} fine-tuning of {model_name} ({len(train_examples)} train / "
         f"{len(eval_examples)} eval rows, {task.source}{baseline})"
     )
-    closing = f"Wall time {timings['total']:.0f} s (train {timings['train']:.0f} s)."
+    closing = f"Wall time {timings['total']:.0f} s (train {timings['train']:.0f} s).{one_class_warning(summary)}"
     common.write_summary(trainer, output_dir, summary, results, table_metrics(spec), title, closing)
     return summary
 

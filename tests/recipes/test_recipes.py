@@ -561,3 +561,40 @@ def test_sft_gsm8k_under_fsdp2_on_two_processes(tmp_path):
         assert all(g["generation"] for g in results[phase]["generations"])
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path()), out)
     assert sorted(reloaded.peft_config["default"].target_modules) == kept
+
+
+@pytest.mark.parametrize("resized", [False, True])
+def test_saving_on_a_packaged_base_without_the_hub_does_not_warn_of_a_failed_lookup(tmp_path, monkeypatch, resized):
+    """The recipes record a packaged copy by its hub id; PEFT then looks it up on the hub at every save to tell
+    whether the vocabulary was resized, and without the hub warns twice in words that read like a failure. The
+    packaged config answers for it: same vocabulary, no warnings; a resized vocabulary keeps them (PEFT's guess
+    that nothing was resized is then wrong)."""
+    import warnings
+
+    import peft.utils.other
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from wlora_trl._offline.models import minilm_path
+
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(peft.utils.other, "file_exists", no_network)  # the hub unreachable, wherever this runs
+    local = str(minilm_path())
+    model = AutoModelForSequenceClassification.from_pretrained(local, num_labels=2)
+    if resized:
+        model.resize_token_embeddings(model.config.vocab_size + 8)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    trainer = type("Trainer", (), {"model": peft_model})()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # only the recipe's filters, whatever pytest installed
+        common.record_public_base(trainer, local)
+        peft_model.save_pretrained(tmp_path)
+    messages = [str(warning.message) for warning in caught]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "sentence-transformers/all-MiniLM-L6-v2"
+    )
+    lookups = [m for m in messages if "Unable to fetch remote file" in m or "Could not find a config file" in m]
+    assert len(lookups) == (2 if resized else 0), messages

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,7 +17,7 @@ from typing import Literal
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from .._offline.models import public_name
+from .._offline.models import public_name, resolve_model
 from ..card import CARD_FILE
 from ..config import WeightLoraConfig
 from ..distributed import keep_fsdp2_outputs_in_full_precision
@@ -173,8 +176,30 @@ def evaluate_before_training(trainer, evaluate: Callable[[], dict], results: dic
 def record_public_base(trainer, model_name: str) -> None:
     """Make the saved adapters record the base model by the name others can load (the hub id of a packaged copy,
     not a path under this machine's cache); offline loading maps it back (`_offline.models.resolve_model`)."""
+    public = public_name(model_name)
     for config in trainer.model.peft_config.values():
-        config.base_model_name_or_path = public_name(model_name)
+        config.base_model_name_or_path = public
+    _quiet_the_vocabulary_lookup_of_a_packaged_base(trainer.model, resolve_model(model_name), public)
+
+
+def _quiet_the_vocabulary_lookup_of_a_packaged_base(model, local: str, public: str) -> None:
+    """At every save PEFT looks the recorded base up on the hub, to tell whether the vocabulary was resized (then it
+    saves the embeddings too). For a packaged copy recorded by its hub id on a machine without the hub, that prints
+    two warnings that read like a failure ("Unable to fetch remote file ... Name or service not known", "Could not
+    find a config file ... will assume that the vocabulary was not modified") on every save. The packaged copy's own
+    config answers the question: when its vocabulary is the model's, PEFT's assumption is right, and the two
+    warnings about this base are ignored. A resized vocabulary keeps them."""
+    config_file = os.path.join(local, "config.json")
+    if public == local or not os.path.isfile(config_file):
+        return  # a hub id (the lookup can work) or the user's own folder (PEFT reads it, no lookup)
+    with open(config_file) as f:
+        packaged_vocabulary = json.load(f).get("vocab_size")
+    base_config = getattr(model.get_base_model(), "config", None)
+    if packaged_vocabulary is None or packaged_vocabulary != getattr(base_config, "vocab_size", None):
+        return
+    name = re.escape(public)
+    warnings.filterwarnings("ignore", rf"Unable to fetch remote file .* for the file config\.json in {name}\.$")
+    warnings.filterwarnings("ignore", rf"Could not find a config file in {name} - will assume")
 
 
 def record_selection(trainer, output_dir: str, summary: dict) -> None:

@@ -333,7 +333,7 @@ def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments,
     )
     tick = time.perf_counter()
     trainer, peer = _build_trainer(script_args, training_args, model, peft_config, shared)
-    common.record_public_base(trainer, model_name)
+    common.record_public_base(trainer, model_path)
     common.prepare_for_fsdp2(trainer)
     timings = {"setup": time.perf_counter() - start, "adapters": time.perf_counter() - tick}  # EVA's SVD included
 

@@ -17,7 +17,7 @@ from typing import Literal
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from .._offline.models import public_name, resolve_model
+from .._offline.models import public_name
 from ..card import CARD_FILE
 from ..config import WeightLoraConfig
 from ..distributed import keep_fsdp2_outputs_in_full_precision
@@ -173,13 +173,14 @@ def evaluate_before_training(trainer, evaluate: Callable[[], dict], results: dic
     trainer.add_callback(EvaluateAtTrainBegin())
 
 
-def record_public_base(trainer, model_name: str) -> None:
-    """Make the saved adapters record the base model by the name others can load (the hub id of a packaged copy,
-    not a path under this machine's cache); offline loading maps it back (`_offline.models.resolve_model`)."""
-    public = public_name(model_name)
+def record_public_base(trainer, model_path: str) -> None:
+    """Make the saved adapters record the base model (`model_path`: what `resolve_model` loaded it from) by the name
+    others can load (the hub id of a packaged copy, not a path under this machine's cache); offline loading maps it
+    back (`_offline.models.resolve_model`)."""
+    public = public_name(model_path)
     for config in trainer.model.peft_config.values():
         config.base_model_name_or_path = public
-    _quiet_the_vocabulary_lookup_of_a_packaged_base(trainer.model, resolve_model(model_name), public)
+    _quiet_the_vocabulary_lookup_of_a_packaged_base(trainer.model, model_path, public)
 
 
 def _quiet_the_vocabulary_lookup_of_a_packaged_base(model, local: str, public: str) -> None:

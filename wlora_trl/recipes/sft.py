@@ -292,7 +292,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             "there is no held-out loss to measure. Raise --max_length (a GSM8K question with its answer takes about "
             "320 tokens with SmolLM2's tokenizer and chat template), or pass --heldout_loss_samples 0."
         )
-    common.record_public_base(trainer, model_args.model_name_or_path or SMOLLM2_LOCAL)
+    common.record_public_base(trainer, model_path)
     common.prepare_for_fsdp2(trainer)
     tick = time.perf_counter()
     peer = peers.prepare(trainer, script_args.method) if script_args.method in peers.PEER_METHODS else None

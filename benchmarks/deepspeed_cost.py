@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.fsdp2_cost import ARMS, TARGETS, steady_malloc, time_arms  # noqa: E402
 from benchmarks.speed import load_base, make_batch  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
-from wlora_trl.zero import ZeroParameterAccess, zero_optimizer, zero_partitions  # noqa: E402
+from wlora_trl.engines.deepspeed import ZeroParameterAccess, zero_optimizer, zero_partitions  # noqa: E402
 
 SETTINGS = {"default": None, "partitioned": 0}  # stage3_param_persistence_threshold (None: DeepSpeed's default)
 

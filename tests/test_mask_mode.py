@@ -122,7 +122,8 @@ def test_reinit_in_place_makes_the_model_its_base_and_draws_from_the_seeded_stre
     kept = [a.module for a in weight_lora.adapters if a.kept]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        expected = [lora_init_a(R, weight_lora.shapes[name][0], True) for name in kept]
+        in_features = {a.module: a.in_features for a in weight_lora.adapters}
+        expected = [lora_init_a(R, in_features[name], True) for name in kept]
     _, again, _ = _switched_at_t(reseed_before_switch=1234)
     assert [a.module for a in again.adapters if a.kept] == kept
     for in_model in (model, again.model):

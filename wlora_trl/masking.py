@@ -15,12 +15,12 @@ state pointing at parameters the model no longer has. So in mask mode nothing is
 - the adapter is exported from gathered full tensors of the kept adapters only (`gathered_adapter_state_dict`),
   so the saved adapter is the same stock PEFT adapter a one-process run writes.
 
-How the switch reaches a parameter is the one thing that differs between engines, and it lives in a
-`ParameterAccess`: read a parameter's whole value, write one back, and make the optimizer forget what it held for
-the dropped and re-initialised adapters. `ParameterAccess` itself covers plain tensors (one process, DDP) and FSDP2's
-DTensors (the optimizer holds the very parameters, so it is edited in place: `surgery.retarget_optimizer`);
-`wlora_trl.zero.ZeroParameterAccess` covers DeepSpeed ZeRO, whose parameters are partitioned and whose optimizer
-holds flat fp32 copies of them. Everything above is written once, against that interface.
+How the switch reaches a parameter is the one thing that differs between engines, and it lives in the engine's
+`ParameterAccess` (`wlora_trl.engines.access`): read a parameter's whole value, write one back, and make the
+optimizer forget what it held for the dropped and re-initialised adapters. Plain tensors (one process, DDP) and
+FSDP2's DTensors share one; DeepSpeed ZeRO, whose parameters are partitioned and whose optimizer holds flat fp32
+copies of them, has its own (`wlora_trl.engines.deepspeed.ZeroParameterAccess`). Everything here is written once,
+against that interface.
 """
 
 from __future__ import annotations
@@ -31,65 +31,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .surgery import (
-    adapter_parameters,
-    alpha_for_rank,
-    first_rank,
-    rank_view_a,
-    rank_view_b,
-    rebuild_adapter,
-    retarget_optimizer,
-)
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """A DTensor (FSDP2's sharded parameters), without importing torch.distributed where it is missing."""
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: all-gathered for a DTensor (a collective: every rank must call it, in the same order)."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
-
-
-@torch.no_grad()
-def write_full(parameter: torch.Tensor, full: torch.Tensor) -> None:
-    """Write the whole tensor `full` into `parameter`; a sharded parameter takes its own slice of it. Every rank
-    holds the same `full` (a seeded stream), so each slices locally: `src_data_rank=None` sends nothing."""
-    if is_sharded(parameter):
-        from torch.distributed.tensor import distribute_tensor
-
-        local = full.to(device=parameter.to_local().device, dtype=parameter.dtype)
-        parameter.copy_(distribute_tensor(local, parameter.device_mesh, parameter.placements, src_data_rank=None))
-    else:
-        parameter.copy_(full.to(device=parameter.device, dtype=parameter.dtype))
-
-
-class ParameterAccess:
-    """How mask mode reads and writes whole parameters and edits the optimizer at the switch: plain tensors and
-    FSDP2's DTensors. Reads and writes of sharded parameters are collectives: every rank makes the same calls in the
-    same order (the switch and the export walk the modules in one order on every rank). Subclasses: another engine."""
-
-    def read(self, parameter: torch.Tensor) -> torch.Tensor:
-        """The parameter's whole current value (all-gathered for a DTensor). Treat it as read-only: for a plain
-        tensor it is the parameter's own storage."""
-        return full_tensor(parameter.detach())
-
-    def write(self, parameter: torch.Tensor, full: torch.Tensor) -> None:
-        """Make `full` the parameter's value, everywhere the engine keeps one (every rank passes the same `full`)."""
-        write_full(parameter, full)
-
-    def switched_off(self, layer: nn.Module, parameters: list[nn.Parameter]) -> None:
-        """A dropped adapter's layer no longer uses `parameters`: an engine that gathers a module's parameters
-        before it runs can stop gathering these (FSDP2 gathers the whole decoder layer regardless: nothing to do)."""
-
-    def edit_optimizer(self, optimizer: torch.optim.Optimizer, replacements: dict[int, list[nn.Parameter]]) -> None:
-        """After the switch: the optimizer forgets the parameters mapped to [] (dropped) and starts those mapped to
-        themselves afresh (re-initialised in place), as `surgery.retarget_optimizer` describes."""
-        retarget_optimizer(optimizer, replacements)
-
-
-PLAIN_ACCESS = ParameterAccess()
+from .engines.access import PLAIN_ACCESS, ParameterAccess, full_shape
+from .surgery import adapter_parameters, alpha_for_rank, first_rank, rank_view_a, rank_view_b, rebuild_adapter
 
 
 def lora_init_a(rank: int, in_features: int, init_lora_weights: bool | str, num_experts: int = 1) -> torch.Tensor:
@@ -160,27 +103,6 @@ def reinit_in_place(
             grown[:, :warmup_rank] = kept_rows
             access.write(a, grown.reshape(rows, in_features))
     return adapter_parameters(layer, adapter_name)
-
-
-def full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
-    """The parameter's whole shape: a DTensor's is its own; a ZeRO-3 partitioned parameter records it as `ds_shape`
-    (its own shape is its local, often empty, storage's)."""
-    return tuple(getattr(parameter, "ds_shape", parameter.shape))
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over the default process group (itself without one): omega's gradient under FSDP2,
-    which does not see omega and so does not reduce it. gloo has no AVG, hence SUM / world size."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensor
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return tensor
-    from .distributed import collective_device
-
-    reduced = tensor.detach().to(collective_device(tensor)).clone()
-    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
-    return (reduced / world).to(tensor.device)
 
 
 def gathered_adapter_state_dict(

@@ -43,12 +43,13 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import WeightLoraConfig
-from .distributed import check_ranks_agree
-from .masking import PLAIN_ACCESS, ParameterAccess, all_reduce_mean, gathered_adapter_state_dict, is_sharded
+from .engines.access import PLAIN_ACCESS, ParameterAccess, is_sharded
+from .engines.collectives import all_reduce_mean, check_ranks_agree
+from .masking import gathered_adapter_state_dict
 from .selection import OUTCOMES, SKIPPED_NONFINITE, SKIPPED_WITH_OPTIMIZER, STEP_TAKEN, OmegaGates, stoiht_step
 from .state import AdapterRecord, SelectionReport, switch_summary
 from .surgery import retarget_optimizer, stock_lora_config
-from .units import LinearUnit, Unit, selectable_units
+from .units import Unit, few, selectable_units
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +157,6 @@ def peft_adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Para
     return found
 
 
-def _few(names: list[str], shown: int = 3) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 class WeightLoraModel:
     """Owns WeightLoRA's state for a `PeftModel` whose adapter was made from a `WeightLoraConfig`.
 
@@ -174,8 +171,9 @@ class WeightLoraModel:
     switch). omega is kept outside the model (FSDP2 neither shards nor reduces it) and its gradient is averaged over
     the processes here. Construct it before the model is sharded; export with `save_adapter`.
 
-    `parameter_access` is how mask mode reads and writes the parameters (`wlora_trl.masking.ParameterAccess`: plain
-    tensors and FSDP2's DTensors); under DeepSpeed ZeRO set it to `wlora_trl.zero.ZeroParameterAccess()`.
+    `parameter_access` is how mask mode reads and writes the parameters (`wlora_trl.engines.access.ParameterAccess`:
+    plain tensors and FSDP2's DTensors); under DeepSpeed ZeRO set it to
+    `wlora_trl.engines.deepspeed.ZeroParameterAccess()` (the trainers take it from their engine).
     """
 
     parameter_access: ParameterAccess = PLAIN_ACCESS
@@ -218,17 +216,13 @@ class WeightLoraModel:
         self.units: list[Unit] = units
         self.module_names = [unit.name for unit in units]
         self._units_by_name = {unit.name: unit for unit in units}
-        # Each linear adapter's (in_features, out_features), recorded in selection.json for reports and exports (units
-        # on parameters record their parameters' shapes: `Unit.record`).
-        self.shapes = {u.name: (u.in_features, u.out_features) for u in units if isinstance(u, LinearUnit)}
         self.num_adapters = len(units)
-        # Each unit's rank and alpha during the warm-up (mask mode's WeightLoRA+ allocates 2r, computes r).
+        # Each unit's rank during the warm-up (mask mode's WeightLoRA+ allocates 2r, computes r).
         self.warmup_ranks = {unit.name: unit.warmup_rank for unit in units}
-        self.warmup_alphas = {unit.name: unit.warmup_alpha for unit in units}
         sharded = [u.name for u in units if any(map(is_sharded, u.parameters(self.base, self.adapter_name)))]
         if sharded:
             raise ValueError(
-                f"The adapters are sharded already ({_few(sharded)}): make the WeightLoraModel (with mask_mode=True) "
+                f"The adapters are sharded already ({few(sharded)}): make the WeightLoraModel (with mask_mode=True) "
                 "before fully_shard."
             )
         self.mask_mode = mask_mode

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 SELECTION_FILE = "selection.json"
 FORMAT_VERSION = 3
+# What a resume that finds no selection.json is told.
+RESUME_HINT = "Resume from a checkpoint of the same WeightLoRA run (each one holds a selection.json)."
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ Migrating a TRL script is two renames: `SFTTrainer` -> `WeightLoraSFTTrainer`, `
   (dropped adapters zeroed and switched off in place, kept ones re-initialised shard by shard), omega lives outside
   the sharded model, and `save_model` gathers only the kept adapters into a stock PEFT adapter.
 - DeepSpeed ZeRO-2 / ZeRO-3 (`deepspeed=` in the arguments, or accelerate's `zero2.yaml` / `zero3.yaml`): the same
-  mask mode, writing ZeRO's partitioned parameters, fp32 masters and Adam moments (`wlora_trl.zero`); omega's step
+  mask mode, writing ZeRO's partitioned parameters, fp32 masters and Adam moments (`wlora_trl.engines.deepspeed`); omega's step
   runs after DeepSpeed's own step (which accelerate makes inside the backward). Resuming loads DeepSpeed's
   checkpoint, replays the selection, and after T loads the checkpoint once more over the replayed switch.
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -44,22 +45,18 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
-from ._compat import loss_scale, sync_each_batch, undo_evaluation_prepare
+from ._compat import loss_scale, sync_each_batch
 from .card import write_model_card
 from .config import CITATION, WeightLoraConfig
-from .distributed import check_ranks_agree, ddp_inside, keep_fsdp2_outputs_in_full_precision, rewrap_ddp
-from .export import WARMUP_STATE_FILE, finish_adapter_file, restore_warmup_weights
+from .engines import Engine, check_training_args, detect_engine
 from .model import WeightLoraModel
-from .saving import write_selection_files
-from .state import SelectionReport, kept_per_projection, read_selection
+from .state import RESUME_HINT, SelectionReport, kept_per_projection, read_selection
 from .surgery import innermost_optimizer
 from .trackers import log_heatmap_to_trackers
-from .zero import ZeroParameterAccess, check_deepspeed_args, check_deepspeed_plugin, separate_adapter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -98,33 +95,11 @@ def _explained_peft_errors():
         ) from err
 
 
-RESUME_HINT = "Resume from a checkpoint of the same WeightLoRA run (each one holds a selection.json)."
-
-SHARDING_UNSUPPORTED = (
-    "WeightLoRA does not support FSDP version 1: it shards the parameters that the switch at step T rebuilds, and "
-    "has no mask mode. Supported: one process, data-parallel (DDP) through `accelerate launch` / torchrun, FSDP2 "
-    "(`fsdp_version: 2`, the packaged `wlora-trl config-path fsdp2`) and DeepSpeed ZeRO-2 / ZeRO-3 (`deepspeed=` in "
-    "the training arguments, or `wlora-trl config-path zero2` / `zero3`). Another route for a model past one GPU's "
-    "memory is two-stage: select on one GPU (a 4-bit base works) with `wlora-trl select` or "
-    "`trainer.select_adapters()`, then train `lora_config_from_selection(dir)` with stock TRL under any engine "
-    "(docs/source/distributed.md: 'Past one GPU'). Otherwise set fsdp_version: 2 or remove the fsdp settings."
-)
-
-
-def _fsdp_version(args: Any) -> int | None:
-    """The FSDP version the arguments ask for (transformers defaults to 2), or None without FSDP."""
-    if not getattr(args, "fsdp", None):
-        return None
-    return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
-
-
 def _check_training_args(args: Any) -> None:
     """Refuse setups WeightLoRA does not support, before the parent trainer builds anything."""
     if args is None:
         return
-    if _fsdp_version(args) not in (None, 2):
-        raise ValueError(SHARDING_UNSUPPORTED)
-    check_deepspeed_args(args)  # ZeRO stage, offload, fp16
+    check_training_args(args)  # what each engine refuses: FSDP version 1, DeepSpeed's ZeRO stage, offload, fp16
     if args.load_best_model_at_end:
         raise ValueError(
             "load_best_model_at_end=True is not supported: checkpoints before and after the switch at step T hold "
@@ -159,13 +134,15 @@ class WeightLoraMixin:
     `peft_config=` (DPO and GRPO ship as `wlora_trl.WeightLoraDPOTrainer` / `WeightLoraGRPOTrainer`). It reads
     `model`, `args` and `peft_config` by the parameter names of the trainer after it in the MRO, so any argument
     order works. Cooperative: it checks the arguments, lets the trainer build everything, then attaches
-    `self.weight_lora` (a `WeightLoraModel`). It overrides `create_optimizer` (omega stays out), `training_step`
+    `self.weight_lora` (a `WeightLoraModel`) and `self.engine` (one process, DDP, FSDP2 or DeepSpeed ZeRO, detected
+    once: `wlora_trl.engines`), which it asks wherever engines differ. It overrides `create_optimizer` (omega stays out), `training_step`
     (the switch, omega's gradient), `save_model` / `_save` / `_load_from_checkpoint` (selection.json, warm-up saves,
     the trained adapter only), `train` and `log`.
     """
 
     weight_lora: WeightLoraModel
-    # Mask mode without FSDP2 (tests on a CPU, where accelerate does not enable FSDP): the same switch, unsharded.
+    # Mask mode without FSDP2 (tests on a CPU, where accelerate does not enable FSDP): the same switch, unsharded
+    # (`wlora_trl.engines.masked.MaskModeEngine`).
     _force_mask_mode = False
 
     def __init__(self, *args, **kwargs):
@@ -178,43 +155,16 @@ class WeightLoraMixin:
         self._setup_weight_lora()
 
     def _setup_weight_lora(self) -> None:
-        args = self.args
-        _check_training_args(args)  # again: SFTTrainer may have built its own args
-        fsdp2 = self.accelerator.is_fsdp2
-        deepspeed = self.is_deepspeed_enabled
-        if self.is_fsdp_enabled and not fsdp2:  # an accelerate config, not the args
-            raise ValueError(SHARDING_UNSUPPORTED)
-        if deepspeed:
-            check_deepspeed_plugin(self.accelerator.state.deepspeed_plugin)  # the config the engine will run
-        if args.n_gpu > 1:
-            # Several GPUs in one process: the Trainer would wrap the model in nn.DataParallel, whose replicas
-            # share omega's gates across devices (and TRL refuses it too).
-            raise ValueError(
-                f"This process sees {args.n_gpu} GPUs and was not started by a distributed launcher, so the Trainer "
-                "would use torch.nn.DataParallel, which WeightLoRA does not support. Launch with `accelerate launch "
-                "--num_processes N` or `torchrun --nproc_per_node N` (one process per GPU), or expose one GPU with "
-                "CUDA_VISIBLE_DEVICES."
-            )
-        if fsdp2:
-            logger.info(
-                "WeightLoRA under FSDP2: the switch runs in mask mode (dropped adapters are zeroed, frozen and switched "
-                "off in place; they keep their share of the sharded LoRA weights), and save_model gathers the kept "
-                "adapters only."
-            )
-            keep_fsdp2_outputs_in_full_precision(self.accelerator.state.fsdp_plugin)
-        if deepspeed:
-            logger.info(
-                "WeightLoRA under DeepSpeed ZeRO: the switch runs in mask mode (dropped adapters are zeroed, with their "
-                "fp32 masters and Adam moments, and switched off; they keep their partitioned memory), and save_model "
-                "gathers the kept adapters only."
-            )
-        # FSDP2 and ZeRO partition the model's parameters, and ZeRO's optimizer cannot lose one: the switch must keep
+        _check_training_args(self.args)  # again: SFTTrainer may have built its own args
+        # The engine is detected once, here; everything that differs between engines is asked of it from now on.
+        self.engine: Engine = detect_engine(self)
+        self.engine.setup(self)
+        # FSDP2 and ZeRO partition the model's parameters, and ZeRO's optimizer cannot lose one: their switch keeps
         # the structure, in mask mode.
-        self.weight_lora = WeightLoraModel(self.model, mask_mode=fsdp2 or deepspeed or self._force_mask_mode)
-        if deepspeed:
-            self.weight_lora.parameter_access = ZeroParameterAccess()
-        if args.max_steps > 0:
-            self.weight_lora.set_max_steps(args.max_steps)  # refuse an impossible T now, not at train()
+        self.weight_lora = WeightLoraModel(self.model, mask_mode=self.engine.mask_mode)
+        self.weight_lora.parameter_access = self.engine.parameter_access
+        if self.args.max_steps > 0:
+            self.weight_lora.set_max_steps(self.args.max_steps)  # refuse an impossible T now, not at train()
         self._omega_grad: torch.Tensor | None = None
         self._omega_hook = None
         self._wrapper_checked = False
@@ -235,12 +185,9 @@ class WeightLoraMixin:
                 parameter.requires_grad_(True)
         if self.state.max_steps > 0 and weight_lora.selection_steps is None:
             weight_lora.set_max_steps(self.state.max_steps)
-        if self.is_deepspeed_enabled:
-            # The optimizer DeepSpeed will wrap (omega is not a model parameter in mask mode). ZeRO steps it once per
-            # sub-group, so omega's step cannot hang on it: it runs in training_step. Adapters get parameter groups
-            # of their own, so the switch can start their Adam state afresh exactly (wlora_trl.zero).
-            separate_adapter_groups(innermost_optimizer(optimizer), weight_lora.adapter_parameters())
-            return optimizer
+        self.engine.prepare_optimizer(optimizer, weight_lora)
+        if self.engine.steps_in_backward:
+            return optimizer  # omega's step follows the engine's own, in training_step
         if omega:
             inner = innermost_optimizer(optimizer)
             omega_ids = {id(p) for p in omega}
@@ -276,7 +223,7 @@ class WeightLoraMixin:
             self._omega_grad = None
             weight_lora.skip_omega_step()
         if not self._wrapper_checked:
-            self._check_data_parallel_wrapper()
+            self.engine.check_wrapper(self)
             self._wrapper_checked = True
         if not weight_lora.switched and self.state.global_step >= weight_lora.selection_steps:
             self._switch()
@@ -292,12 +239,11 @@ class WeightLoraMixin:
             # Take omega's gradient before clipping sees it (its step size is omega_lr, not a clipped share of
             # the global norm); the optimizer pre-hook applies it.
             self._omega_grad = self._unscale(weight_lora.take_omega_grad())
-            if self.is_deepspeed_enabled:
-                # accelerate ran DeepSpeed's optimizer step inside the backward, from this step's gradients: omega's
-                # step follows it here, from the same gradients (DeepSpeed neither clips nor scales omega's).
+            if self.engine.steps_in_backward:
+                # The engine's optimizer stepped inside the backward, from this step's gradients: omega's step
+                # follows it here, from the same gradients.
                 grad, self._omega_grad = self._omega_grad, None
-                applied = self.model_wrapped.was_step_applied()
-                weight_lora.omega_step(grad, skip=None if applied else torch.tensor(True))
+                weight_lora.omega_step(grad, skip=self.engine.step_skipped(self))
         return loss
 
     def _run_length(self) -> str | None:
@@ -328,11 +274,9 @@ class WeightLoraMixin:
             # select_adapters, which switches at the end of step T; training_step counts it otherwise).
             self.weight_lora.skip_omega_step()
         self._omega_grad = None
-        if self.accelerator.num_processes > 1 and not self.weight_lora.mask_mode:  # mask mode checks it itself
-            check_ranks_agree(self.weight_lora.omega)
+        self.engine.before_switch(self)
         self.weight_lora.switch(self.optimizer, seed=self.args.seed, announce=False)
-        if ddp_inside(self.model_wrapped) is not None:
-            self.model_wrapped = rewrap_ddp(self.accelerator, self.model, self.model_wrapped)
+        self.engine.after_switch(self)
         # At the default log level, on the main process only: the one event of the run a user must not miss.
         self.accelerator.print(f"WeightLoRA switch at step {self.state.global_step + 1}: {self.weight_lora.summary()}")
         report = self.weight_lora.report(self.state.global_step)
@@ -383,25 +327,8 @@ class WeightLoraMixin:
     # --- guard rails for multi-process runs ----------------------------------------------------------------------
 
     def train(self, *args, **kwargs):
-        self._undo_evaluation_prepare()
+        self.engine.before_train(self)
         return super().train(*args, **kwargs)
-
-    def _undo_evaluation_prepare(self) -> None:
-        """`evaluate()` before `train()` prepares the bare model in evaluation mode, which marks it as prepared:
-        `train()` would then get it back unwrapped, and every rank would train alone. Forget that preparation."""
-        if self.accelerator.num_processes > 1 and self.model_wrapped is self.model and not self.weight_lora.mask_mode:
-            undo_evaluation_prepare(self.accelerator, self.model)
-
-    def _check_data_parallel_wrapper(self) -> None:
-        if self.weight_lora.mask_mode:
-            return  # FSDP2 shards the model in place: there is no wrapper to lose
-        if self.accelerator.num_processes > 1 and ddp_inside(self.model_wrapped) is None:
-            raise RuntimeError(
-                f"WeightLoRA: {self.accelerator.num_processes} processes are training, but the model is not wrapped "
-                f"in DistributedDataParallel (it is a {type(self.model_wrapped).__name__}), so each rank would select "
-                "and train its own adapters. This happens when a model was prepared by accelerate before train() in "
-                "a way WeightLoRA does not undo; please report it with your launch command."
-            )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # The switch's numbers ride on the next regular log line, so every logging integration records them
@@ -419,30 +346,8 @@ class WeightLoraMixin:
         `padded=True`: an adapter on every targeted (layer, projection), zeros where one was dropped, for serving
         engines that want that shape (see `export.pad_adapter`)."""
         directory = output_dir or self.args.output_dir
-        tags = getattr(self, "_tag_names", ())
-        if self.weight_lora.mask_mode:
-            # FSDP2: every rank gathers the kept adapters only (never the base model: the Trainer's full state dict
-            # would gather all of it, and PEFT would save the switched-off adapters too); rank 0 writes the stock
-            # adapter (omega folded in during the warm-up). Resuming uses the Trainer's own FSDP checkpoint files.
-            self.weight_lora.save_adapter(
-                directory, self.args.should_save, step=self.state.global_step, trainer_tags=tags, padded=padded
-            )
-            # Under FSDP2 and DeepSpeed the engine's own checkpoint files hold the unfolded weights: gather them again
-            # only without one.
-            engine_files = self.is_fsdp_enabled or self.is_deepspeed_enabled
-            raw = None if self.weight_lora.switched or engine_files else self.weight_lora.warmup_state_dict()
-            if self.args.should_save:
-                self._save_tokenizer_and_args(directory)
-                if raw is not None:  # the unfolded warm-up weights, for a resume without FSDP's own files
-                    save_file(raw, os.path.join(directory, WARMUP_STATE_FILE))
-            return
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            # PEFT's file as the model being trained: omega folded in during the warm-up (the unfolded weights
-            # beside it, for resuming), dropped adapters' trained biases with bias="lora_only".
-            finish_adapter_file(directory, self.weight_lora)
-            report = self.weight_lora.report(self.state.global_step)
-            write_selection_files(directory, report, self.weight_lora.adapter_config(), tags, padded=padded)
+        stock_save = functools.partial(super().save_model, output_dir, _internal_call)
+        self.engine.save_model(self, directory, padded, stock_save)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.weight_lora.model
@@ -478,40 +383,13 @@ class WeightLoraMixin:
         write_model_card(directory, report, config.base_model_name_or_path, task, getattr(self, "_tag_names", ()))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # Rebuild the checkpoint's structure (and omega) first: the Trainer loads adapter weights into the current
-        # structure, which after the switch has other modules and ranks than a fresh model. A warm-up checkpoint's
-        # adapter file has omega folded in; the unfolded weights beside it are what the run continues from.
-        weight_lora = self.weight_lora
-        # Under FSDP2 the Trainer builds the optimizer before it loads a checkpoint: a replayed switch edits it.
-        report = read_selection(resume_from_checkpoint, hint=RESUME_HINT)
-        weight_lora.restore(report, self.optimizer if weight_lora.mask_mode else None)
-        if weight_lora.mask_mode and not weight_lora.switched and not self.is_fsdp_enabled:
-            # Mask mode without FSDP's own files: the adapter file is the rank-r export (WeightLoRA+ allocates 2r),
-            # so only the unfolded warm-up weights beside it fit.
-            restore_warmup_weights(resume_from_checkpoint, weight_lora)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not weight_lora.switched and not self.is_fsdp_enabled:
-            # (Under FSDP2 the Trainer's own FSDP files hold the unfolded weights; omega comes from selection.json.)
-            restore_warmup_weights(resume_from_checkpoint, weight_lora)
+        load_weights = functools.partial(super()._load_from_checkpoint, resume_from_checkpoint, model)
+        self.engine.load_checkpoint(self, resume_from_checkpoint, load_weights)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.is_deepspeed_enabled:
-            self._restore_selection_under_deepspeed(checkpoint)
-
-    def _restore_selection_under_deepspeed(self, checkpoint: str) -> None:
-        """Under DeepSpeed the Trainer never calls `_load_from_checkpoint`: it builds the engine from a fresh model
-        (every adapter trainable, as the original run started, so ZeRO's flat partitions match the checkpoint's),
-        loads DeepSpeed's files into it and then comes here. Replay the selection: before T, omega; after T the
-        switch, whose writes (re-initialised adapters, fresh optimizer state) DeepSpeed's files then overwrite,
-        loaded once more."""
-        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
-
-        report = read_selection(checkpoint, hint=RESUME_HINT)
-        self.weight_lora.restore(report, self.optimizer)
-        if self.weight_lora.switched:
-            deepspeed_load_checkpoint(self.model_wrapped, checkpoint, load_module_strict=False)
+        if checkpoint is not None:
+            self.engine.after_optimizer_loaded(self, checkpoint)
 
 
 class _SwitchThenStop(TrainerCallback):

@@ -97,8 +97,8 @@ def zero_state_of_dropped(trainer) -> dict:
     """What ZeRO still holds for the dropped adapters (it cannot forget them): every copy must be exactly zero."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    from wlora_trl.engines.deepspeed import ZeroParameterAccess, _trainable, held_by_zero_optimizer
     from wlora_trl.surgery import adapter_parameters
-    from wlora_trl.zero import ZeroParameterAccess, _trainable, held_by_zero_optimizer
 
     weight_lora, access = trainer.weight_lora, ZeroParameterAccess()
     nonzero, held, trainable, external = [], 0, 0, 0
@@ -127,7 +127,7 @@ def zero_state_of_dropped(trainer) -> dict:
 
 def _working_copy(parameter) -> torch.Tensor:
     """The copy the forward uses (gathered under ZeRO-3), not the optimizer's master."""
-    from wlora_trl.zero import is_partitioned
+    from wlora_trl.engines.deepspeed import is_partitioned
 
     if is_partitioned(parameter):
         import deepspeed

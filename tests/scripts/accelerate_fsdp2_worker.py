@@ -101,7 +101,7 @@ def main() -> None:
     enable_fsdp_on_cpu()
     from torch.distributed.fsdp import FSDPModule
 
-    from wlora_trl.masking import is_sharded
+    from wlora_trl.engines.access import is_sharded
 
     trainer = make_trainer(cli)
     steps = StepCounter()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.testing_utils import tiny_llama, tiny_qwen3_moe  # noqa: E402
 from wlora_trl import WeightLoraConfig, WeightLoraModel  # noqa: E402
-from wlora_trl.masking import is_sharded  # noqa: E402
+from wlora_trl.engines.access import is_sharded  # noqa: E402
 from wlora_trl.state import read_selection, write_selection  # noqa: E402
 
 R, T, STEPS, GLOBAL_BATCH = 4, 3, 8, 4

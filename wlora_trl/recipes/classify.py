@@ -56,6 +56,7 @@ from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
 from .._offline.models import MINILM_LOCAL, resolve_model
+from ..engines.fsdp2 import keep_loss_in_full_precision
 from ..trainer import WeightLoraTrainer
 from . import common, peers
 from .tasks import glue
@@ -334,7 +335,7 @@ def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments,
     tick = time.perf_counter()
     trainer, peer = _build_trainer(script_args, training_args, model, peft_config, shared)
     common.record_public_base(trainer, model_path)
-    common.prepare_for_fsdp2(trainer)
+    keep_loss_in_full_precision(trainer)  # for the stock baselines too: every method's loss measured alike
     timings = {"setup": time.perf_counter() - start, "adapters": time.perf_counter() - tick}  # EVA's SVD included
 
     results = {}

@@ -20,10 +20,11 @@ from transformers import TrainerCallback
 from .._offline.models import public_name
 from ..card import CARD_FILE
 from ..config import WeightLoraConfig
-from ..distributed import keep_fsdp2_outputs_in_full_precision
+from ..engines.fsdp2 import is_fsdp2
 from ..plotting import HEATMAP_FILE
 from ..state import SELECTION_FILE, kept_by_projection
 from .cpu_threads import use_the_cpu_cores
+from .flags import config_number
 from .peers import PEER_METHODS, PeerArguments, check_peer_flags, peer_config
 from .quick_eval import results_table, write_results
 
@@ -43,20 +44,6 @@ def _from_config(name: str, note: str = "", as_text: bool = False):
     default = str(config_field.default) if as_text else config_field.default
     help_text = (config_field.metadata["help"] + note).replace("%", "%%")  # argparse formats help with %
     return field(default=default, metadata={"help": help_text})
-
-
-def config_number(value: str | int | float, name: str) -> int | float:
-    """A count-or-fraction flag as the config reads it: '3' -> 3 (a count), '0.5' and '1.0' -> floats (fractions);
-    numbers from a YAML --config are already typed."""
-    if isinstance(value, (int, float)):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"--{name} {value!r}: pass a whole number (a count) or a decimal (a fraction).") from None
 
 
 @dataclass
@@ -126,19 +113,6 @@ def lora_kwargs(model_args, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
-
-
-def is_fsdp2(trainer) -> bool:
-    """Whether accelerate shards this trainer's model with FSDP2 (`fsdp_version: 2`); one place to ask (and to
-    stub in tests)."""
-    return trainer.accelerator.is_fsdp2
-
-
-def prepare_for_fsdp2(trainer) -> None:
-    """Under FSDP2, keep the loss in fp32 for whichever trainer the recipe built (WeightLoRA's trainers do it
-    themselves; the plain-LoRA baseline is stock TRL), so both methods' losses are measured alike."""
-    if is_fsdp2(trainer):
-        keep_fsdp2_outputs_in_full_precision(trainer.accelerator.state.fsdp_plugin)
 
 
 def evaluate_before_training(trainer, evaluate: Callable[[], dict], results: dict, timings: dict) -> None:

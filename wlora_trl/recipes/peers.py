@@ -47,6 +47,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
+from ..engines.fsdp2 import is_fsdp2
+from .flags import config_number
+
 logger = logging.getLogger(__name__)
 
 PEER_METHODS = ("adalora", "eva")
@@ -110,8 +113,6 @@ def _scaled(alpha: float, rank: int, r: int) -> int | float:
 
 
 def _steps(value: str | int | float, max_steps: int, name: str) -> int:
-    from .common import config_number
-
     number = config_number(value, name)
     if isinstance(number, float):
         if not 0 <= number < 1:
@@ -140,8 +141,6 @@ def check_peer_flags(args) -> None:
 def adalora_config(args, max_steps: int, **lora_fields):
     """`AdaLoraConfig` at WeightLoRA's budget: init_r = r, target_r = k*r, tinit/tfinal from --max_steps."""
     from peft import AdaLoraConfig
-
-    from .common import config_number
 
     if max_steps is None or max_steps <= 0:
         raise ValueError(
@@ -182,8 +181,6 @@ def adalora_config(args, max_steps: int, **lora_fields):
 def eva_config(args, **lora_fields):
     """`LoraConfig(init_lora_weights="eva")` at WeightLoRA's budget: r_eva = k*r, rho = 1/k, LoRA's alpha/r."""
     from peft import EvaConfig, LoraConfig
-
-    from .common import config_number
 
     k = _fraction(config_number(args.k, "k"))
     r = lora_fields["r"]
@@ -373,8 +370,6 @@ def _lora_layers(model):
 def prepare(trainer, method: str) -> PeerRun:
     """What the stock trainer needs for `method`, on the PeftModel it holds: AdaLoRA's allocation callback, or EVA's
     initialisation (run now). Returns the `PeerRun` to summarise the run with."""
-    from .common import is_fsdp2
-
     if is_fsdp2(trainer):
         raise ValueError(
             f"--method {method} is not supported under FSDP2 by the recipes; run it in one process or DDP."

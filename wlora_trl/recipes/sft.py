@@ -61,6 +61,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 
 from .._offline.hub import hub_offline
 from .._offline.models import SMOLLM2_LOCAL, resolve_model
+from ..engines.fsdp2 import keep_loss_in_full_precision
 from ..portable import TARGETS_FILE
 from ..trainer import WeightLoraSFTTrainer
 from . import common, peers
@@ -293,7 +294,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             "320 tokens with SmolLM2's tokenizer and chat template), or pass --heldout_loss_samples 0."
         )
     common.record_public_base(trainer, model_path)
-    common.prepare_for_fsdp2(trainer)
+    keep_loss_in_full_precision(trainer)  # for the stock baselines too: every method's loss measured alike
     tick = time.perf_counter()
     peer = peers.prepare(trainer, script_args.method) if script_args.method in peers.PEER_METHODS else None
     timings["adapters"] = time.perf_counter() - tick  # EVA's SVD initialisation, when it runs

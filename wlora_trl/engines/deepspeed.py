@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO (stages 2 and 3) under mask mode: how the switch reaches a ZeRO parameter and its optimizer.
+"""The DeepSpeed ZeRO engine (stages 2 and 3), in mask mode: how the switch reaches a ZeRO parameter and its
+optimizer.
 
 ZeRO keeps up to three copies of a trainable parameter, and a write at the switch must reach each of them:
 - the working copy the forward uses: partitioned under ZeRO-3 (each rank holds a slice; `GatheredParameters(...,
@@ -27,7 +28,7 @@ their own for that (`separate_adapter_groups`); a group shared with other traine
 optimizer with `modules_to_save`) keeps its count, and the kept adapters' first steps are then smaller (Adam's bias
 correction), with a warning.
 
-A custom loop does what the trainers do (`benchmarks/deepspeed_cost.py` runs this):
+A custom loop does what the trainers' `ZeroEngine` does (`benchmarks/deepspeed_cost.py` runs this):
 
     weight_lora = WeightLoraModel(model, max_steps=1000, mask_mode=True)  # before deepspeed.initialize
     weight_lora.parameter_access = ZeroParameterAccess()
@@ -55,7 +56,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masking import ParameterAccess, full_shape
+from ..state import RESUME_HINT, read_selection
+from ..surgery import innermost_optimizer
+from .access import ParameterAccess, full_shape
+from .masked import MaskModeEngine
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +230,63 @@ def separate_adapter_groups(optimizer: torch.optim.Optimizer, adapter_parameters
         others = [p for p in group["params"] if id(p) not in adapters]
         groups.extend({**group, "params": params} for params in (mine, others) if params)
     optimizer.param_groups[:] = groups
+
+
+# --- the engine ---------------------------------------------------------------------------------------------------
+
+
+class ZeroEngine(MaskModeEngine):
+    """DeepSpeed ZeRO-2 / ZeRO-3 in the trainers (`deepspeed=` in the arguments, or accelerate's zero2/zero3 configs):
+    mask mode through `ZeroParameterAccess`; the adapters in optimizer groups of their own; omega's step after
+    DeepSpeed's own, which accelerate runs inside the backward; resuming through DeepSpeed's checkpoint files."""
+
+    name = "DeepSpeed ZeRO"
+    shards_parameters = True
+    writes_engine_checkpoint = True
+    steps_in_backward = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parameter_access = ZeroParameterAccess()
+
+    @classmethod
+    def check_arguments(cls, args: Any) -> None:
+        check_deepspeed_args(args)  # ZeRO stage, offload, fp16
+
+    @classmethod
+    def detect(cls, trainer: Any) -> bool:
+        return bool(trainer.is_deepspeed_enabled)
+
+    def setup(self, trainer: Any) -> None:
+        check_deepspeed_plugin(trainer.accelerator.state.deepspeed_plugin)  # the config the engine will run
+        logger.info(
+            "WeightLoRA under DeepSpeed ZeRO: the switch runs in mask mode (dropped adapters are zeroed, with their "
+            "fp32 masters and Adam moments, and switched off; they keep their partitioned memory), and save_model "
+            "gathers the kept adapters only."
+        )
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, weight_lora: Any) -> None:
+        """The optimizer DeepSpeed will wrap (omega is not a model parameter in mask mode). ZeRO steps it once per
+        sub-group, so omega's step cannot hang on it (it follows in the training step). Adapters get parameter groups
+        of their own, so the switch can start their Adam state afresh exactly."""
+        separate_adapter_groups(innermost_optimizer(optimizer), weight_lora.adapter_parameters())
+
+    def step_skipped(self, trainer: Any) -> torch.Tensor | None:
+        """accelerate ran DeepSpeed's optimizer step inside the backward, from this step's gradients; omega's step
+        follows from the same gradients (DeepSpeed neither clips nor scales omega's), unless DeepSpeed skipped its."""
+        return None if trainer.model_wrapped.was_step_applied() else torch.tensor(True)
+
+    def after_optimizer_loaded(self, trainer: Any, checkpoint: str) -> None:
+        """Resuming: under DeepSpeed the Trainer never calls `_load_from_checkpoint` (`load_checkpoint`); it builds the engine from a fresh model (every adapter trainable, as the original
+        run started, so ZeRO's flat partitions match the checkpoint's), loads DeepSpeed's files into it and then comes
+        here. Replay the selection: before T, omega; after T the switch, whose writes (re-initialised adapters, fresh
+        optimizer state) DeepSpeed's files then overwrite, loaded once more."""
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        weight_lora = trainer.weight_lora
+        weight_lora.restore(read_selection(checkpoint, hint=RESUME_HINT), trainer.optimizer)
+        if weight_lora.switched:
+            deepspeed_load_checkpoint(trainer.model_wrapped, checkpoint, load_module_strict=False)
 
 
 # --- DeepSpeed's internals: every reliance on them is here ------------------------------------------------------------

@@ -328,6 +328,25 @@ def test_bad_method_flags_are_refused_before_the_model_or_data_load(tmp_path, mo
         classify.main(*classify.make_parser().parse_args_and_config(flags))
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--text_columns", "sentence1,sentence2"], ["--text_columns", "sentence1", "sentence2"]],
+    ids=["comma-separated", "space-separated"],
+)
+def test_a_sentence_pair_can_be_named_either_way(flags):
+    """`--text_columns a,b` and `--text_columns a b` both name a pair (the second once failed in HfArgumentParser with
+    "Some specified arguments are not used: ['sentence2']")."""
+    script_args, _, _ = classify.make_parser().parse_args_and_config(flags)
+    assert glue.parse_columns(script_args.text_columns) == ("sentence1", "sentence2")
+
+
+def test_three_text_columns_are_refused_however_they_are_spelled():
+    for flags in (["--text_columns", "a", "b", "c"], ["--text_columns", "a,b", "c"]):
+        script_args, _, _ = classify.make_parser().parse_args_and_config(flags)
+        with pytest.raises(ValueError, match="give one column or two"):
+            glue.parse_columns(script_args.text_columns)
+
+
 def test_defaults_are_the_documented_ones():
     script_args, training_args, model_args = classify.make_parser().parse_args_and_config([])
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (8, 16, 0.05)

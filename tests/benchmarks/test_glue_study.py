@@ -1,7 +1,7 @@
 """The study drivers' machinery without training: the shared engine (`benchmarks/study.py`: records, resume, changed
 settings, STOP, --no_train), the GLUE driver's plan, learning-rate choice, paired statistics and rendering on fake
 records, its copy of the paper's numbers, and the GSM8K driver rendering its committed study unchanged with the
-peer arms added but not yet run."""
+peer arms added but not yet run, each sweep in value order."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import glue  # noqa: E402
+from benchmarks import glue, quality  # noqa: E402
 from benchmarks.study import Study, add_study_arguments, finish_arguments, jaccard  # noqa: E402
 
 MODULES = [
@@ -258,6 +258,47 @@ def test_the_committed_glue_study_renders_as_committed():
     result = json.loads(committed.read_text())
     assert committed.with_suffix(".md").read_text() == glue.markdown(result)
     assert {"tasks", "arms", "seeds"} <= set(result["settings"])
+
+
+# --- the GSM8K study's sweeps -------------------------------------------------------------------------------------
+
+
+def test_sweep_points_are_ordered_by_their_value_within_each_group():
+    assert quality.sweep_order(["K = 0.25", "K = 0.75", "K = 0.5"]) == ["K = 0.25", "K = 0.5", "K = 0.75"]
+    assert quality.sweep_order(["omega_lr = 10", "omega_lr = 1000", "omega_lr = 100", "omega_lr = 1e-1"]) == [
+        "omega_lr = 1e-1", "omega_lr = 10", "omega_lr = 100", "omega_lr = 1000",
+    ]  # fmt: skip
+    # The T sweep's two arms stay in their order, each sorted by T.
+    labels = ["weightlora, T = 5", "weightlora, T = 15", "weightlora_keep, T = 5", "weightlora_keep, T = 3"]
+    assert quality.sweep_order(labels) == [
+        "weightlora, T = 5", "weightlora, T = 15", "weightlora_keep, T = 3", "weightlora_keep, T = 5",
+    ]  # fmt: skip
+    assert quality.sweep_order(["b", "a = x", "a = 2"]) == ["b", "a = 2", "a = x"]  # no number: kept, after numbers
+
+
+def test_the_quality_plot_and_tables_show_each_sweep_in_value_order(tmp_path, monkeypatch):
+    """The committed study's sweeps were recorded in run order (K = 0.25, 0.75, 0.5; omega_lr = 10, 1000, 100); the
+    plot's panels and the tables sort them."""
+    import matplotlib.figure
+
+    study = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
+    panels = {}
+
+    def keep_labels(figure, path, **kwargs):
+        for ax in figure.axes[1:]:
+            knob = ax.get_title().split()[2]  # "sweep of {knob} (seed 0)"
+            panels[knob] = [label.get_text() for label in ax.get_xticklabels()]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_labels)
+    quality.plot(study, tmp_path / "quality.png")
+    tables = quality.markdown(study)
+    for knob, points in study["sweeps"].items():
+        ordered = quality.sweep_order(points)
+        assert panels[knob] == ordered, knob
+        rows = [line.split(" | ")[0].lstrip("| ") for line in tables.split(f"| {knob} |", 1)[1].splitlines()[2:]]
+        assert rows[: len(ordered)] == ordered, knob
+    assert panels["k"] == ["K = 0.25", "K = 0.5", "K = 0.75"]
+    assert panels["omega_lr"] == ["omega_lr = 10", "omega_lr = 100", "omega_lr = 1000"]
 
 
 # --- end to end on the real model ---------------------------------------------------------------------------------

@@ -192,8 +192,9 @@ def test_the_reported_f1_and_accuracy_are_those_of_the_logits(trained, name):
 def test_the_summary_counts_the_classes_the_trained_model_predicts(trained):
     for name in METHODS:
         run = trained[name]
-        predicted = np.unique(np.argmax(run["logits"], axis=-1)).size
-        assert run["summary"]["after_predicted_classes"] == predicted, name
+        predicted = np.unique(np.argmax(run["logits"], axis=-1))
+        assert run["summary"]["after_predicted_classes"] == predicted.size, name
+        assert run["summary"]["after_predicted_class"] == (int(predicted[0]) if predicted.size == 1 else None), name
     assert trained["regression"]["summary"]["after_predicted_classes"] is None
 
 
@@ -206,9 +207,39 @@ def test_a_model_that_predicts_one_class_for_every_row_is_called_out(encoder, tm
     summary = classify.main(*classify.make_parser().parse_args_and_config([*flags, "--method", "lora"]))
     assert summary["after_predicted_classes"] == 1
     printed = " ".join(capsys.readouterr().out.split())
-    assert f"predicts one class for all {summary['eval_examples']} validation rows" in printed
-    assert f"the majority class's ({100 * summary['majority_accuracy']:.1f}%)" in printed
+    assert f"for all {summary['eval_examples']} validation rows" in printed
+    assert f"({100 * summary['after']['eval_accuracy']:.1f}%" in printed  # the accuracy the table shows
     assert "Train longer (--max_steps) or raise --learning_rate" in printed
+
+
+def test_a_model_collapsed_onto_the_minority_class_is_stated_at_that_class_share(encoder, tmp_path, capsys):
+    """The warning states the share of the class the model predicts, which is its accuracy: here the minority's
+    (25%), not the majority's (75%; it used to say "the majority class's (75.0%)" beside a table of 25.0%). Every row
+    has the same text and 9 in 10 training labels are 1, so the model predicts 1 for every row; 1 in 4 eval rows is."""
+    data = tmp_path / "skewed"
+    write_jsonl(data / "train.jsonl", [{"text": "abcdefg", "label": int(i % 10 != 0)} for i in range(80)])
+    write_jsonl(data / "validation.jsonl", [{"text": "abcdefg", "label": int(i % 4 == 0)} for i in range(20)])
+    flags = tiny_flags(encoder, tmp_path / "out", data, "--text_columns", "text", "--label_column", "label")
+    summary = classify.main(*classify.make_parser().parse_args_and_config([*flags, "--method", "lora"]))
+    assert (summary["after_predicted_classes"], summary["after_predicted_class"]) == (1, 1)
+    assert summary["after"]["eval_accuracy"] == summary["after_predicted_class_share"] == 0.25
+    assert summary["majority_accuracy"] == 0.75
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "predicts one class (1) for all 20 validation rows, so its accuracy is that class's share (25.0%" in printed
+    assert "the majority class's (75.0%)" not in printed
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert (results["after_predicted_class"], results["after_predicted_class_share"]) == (1, 0.25)
+
+
+def test_the_one_class_warning_names_the_class_and_its_share():
+    summary = {"after_predicted_classes": 1, "after_predicted_class": 0, "after_predicted_class_share": 0.375,
+               "majority_accuracy": 0.625, "eval_examples": 408, "label_names": ["not_equivalent", "equivalent"]}  # fmt: skip
+    warning = " ".join(classify.one_class_warning(summary).split())
+    assert "predicts one class ('not_equivalent') for all 408 validation rows" in warning
+    assert "its accuracy is that class's share (37.5%; the majority class's is 62.5%)" in warning
+    majority = {**summary, "after_predicted_class": 1, "after_predicted_class_share": 0.625}
+    assert "its accuracy is the majority class's share (62.5%)" in classify.one_class_warning(majority)
+    assert classify.one_class_warning({**summary, "after_predicted_classes": 2}) == ""
 
 
 def test_a_float_label_column_trains_a_regression_and_reports_pearson_and_spearman(trained):
@@ -326,6 +357,25 @@ def test_bad_method_flags_are_refused_before_the_model_or_data_load(tmp_path, mo
     flags = ["--output_dir", str(tmp_path), "--task", "rte", *extra]
     with pytest.raises(ValueError, match=message):
         classify.main(*classify.make_parser().parse_args_and_config(flags))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--text_columns", "sentence1,sentence2"], ["--text_columns", "sentence1", "sentence2"]],
+    ids=["comma-separated", "space-separated"],
+)
+def test_a_sentence_pair_can_be_named_either_way(flags):
+    """`--text_columns a,b` and `--text_columns a b` both name a pair (the second once failed in HfArgumentParser with
+    "Some specified arguments are not used: ['sentence2']")."""
+    script_args, _, _ = classify.make_parser().parse_args_and_config(flags)
+    assert glue.parse_columns(script_args.text_columns) == ("sentence1", "sentence2")
+
+
+def test_three_text_columns_are_refused_however_they_are_spelled():
+    for flags in (["--text_columns", "a", "b", "c"], ["--text_columns", "a,b", "c"]):
+        script_args, _, _ = classify.make_parser().parse_args_and_config(flags)
+        with pytest.raises(ValueError, match="give one column or two"):
+            glue.parse_columns(script_args.text_columns)
 
 
 def test_defaults_are_the_documented_ones():

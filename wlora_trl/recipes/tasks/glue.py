@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,21 +101,35 @@ class LoadedTask:
         labels = [example.label for example in self.eval]
         return max(labels.count(label) for label in set(labels)) / len(labels)
 
+    def class_share(self, label: int) -> float | None:
+        """The eval accuracy of always predicting class `label`: its share of the eval rows (None for regression)."""
+        if self.spec.regression or not self.eval:
+            return None
+        return sum(example.label == label for example in self.eval) / len(self.eval)
 
-def parse_columns(text: str | None) -> tuple[str, ...] | None:
-    """'sentence1,sentence2' -> ('sentence1', 'sentence2'); one or two names."""
+
+def parse_columns(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """'sentence1,sentence2' or ['sentence1', 'sentence2'] (`--text_columns sentence1 sentence2`, or a YAML list) ->
+    ('sentence1', 'sentence2'); one or two names. A list's items may hold commas too."""
     if text is None:
         return None
-    columns = tuple(part.strip() for part in text.split(",") if part.strip())
+    given = " ".join(text) if not isinstance(text, str) else text
+    parts = [text] if isinstance(text, str) else list(text)
+    columns = tuple(name.strip() for part in parts for name in part.split(",") if name.strip())
     if not 1 <= len(columns) <= 2:
         raise ValueError(
-            f"--text_columns {text!r}: give one column or two, comma-separated (e.g. sentence1,sentence2)."
+            f"--text_columns {given!r}: give one column or two, space- or comma-separated (e.g. sentence1 sentence2, "
+            "or sentence1,sentence2)."
         )
     return columns
 
 
 def resolve_spec(
-    task: str | None, dataset_name: str | None, text_columns: str | None, label_column: str | None, metric: str | None
+    task: str | None,
+    dataset_name: str | None,
+    text_columns: str | Sequence[str] | None,
+    label_column: str | None,
+    metric: str | None,
 ) -> TaskSpec:
     """The task before its labels are read: a known task (its own columns unless overridden), or a custom one."""
     if metric is not None and metric not in METRICS:
@@ -134,7 +149,7 @@ def resolve_spec(
     if columns is None:
         raise ValueError(
             f"--dataset_name {dataset_name}: say which columns hold the text with --text_columns a (one sentence) or "
-            "--text_columns a,b (a pair), and the label with --label_column (default: label)."
+            "--text_columns a b (a pair; a,b works too), and the label with --label_column (default: label)."
         )
     title = Path(dataset_name).stem if os.path.exists(dataset_name) else dataset_name
     # num_labels and the metric follow from the labels once they are read (`_type_labels`).
@@ -287,7 +302,7 @@ def load_task(
     *,
     dataset_name: str | None = None,
     dataset_config: str | None = None,
-    text_columns: str | None = None,
+    text_columns: str | Sequence[str] | None = None,
     label_column: str | None = None,
     metric: str | None = None,
     train_split: str = "train",

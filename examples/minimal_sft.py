@@ -1,6 +1,6 @@
 """WeightLoRA in a plain TRL script: the lines to copy into your own training code.
 
-    python examples/minimal_sft.py                                   # SmolLM2-135M-Instruct, local GSM8K, offline
+    python examples/minimal_sft.py                                   # SmolLM2-135M-Instruct, local GSM8K if found
     python examples/minimal_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data openai/gsm8k   # from the hub
 
 The two WeightLoRA lines are the imports of `WeightLoraConfig` and `WeightLoraSFTTrainer` (drop-ins for
@@ -17,19 +17,21 @@ from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m-instruct", help="hub id, local folder, or the packaged copy")
-parser.add_argument("--data", default=None, help="hub dataset id (default: ../shared/data/gsm8k, offline)")
+parser.add_argument("--data", default=None, help="hub dataset id (default: local GSM8K if found, else openai/gsm8k)")
 parser.add_argument("--max_steps", type=int, default=30)
 parser.add_argument("--output_dir", default="outputs/minimal_sft")
 args = parser.parse_args()
 
-# Offline defaults: the packaged model copy and the local GSM8K files (see docs/source/quickstart.md); online, pass hub ids.
+# Offline defaults: the packaged model copy and the local GSM8K files when a data folder is found (see
+# docs/source/quickstart.md), else the hub's openai/gsm8k; online, pass hub ids.
 from wlora_trl._offline.data import resolve_data_dir  # noqa: E402
 from wlora_trl._offline.models import resolve_model  # noqa: E402
 
-if args.data:
-    dataset = load_dataset(args.data, "main", split="train")
+data_dir = None if args.data else resolve_data_dir()
+if data_dir is None:
+    dataset = load_dataset(args.data or "openai/gsm8k", "main", split="train")
 else:
-    dataset = load_dataset("json", data_files=str(resolve_data_dir() / "gsm8k" / "train.jsonl"), split="train")
+    dataset = load_dataset("json", data_files=str(data_dir / "gsm8k" / "train.jsonl"), split="train")
 dataset = dataset.select(range(8 * args.max_steps)).map(
     lambda row: {
         "prompt": [{"role": "user", "content": row["question"]}],

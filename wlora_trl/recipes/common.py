@@ -27,6 +27,7 @@ from .cpu_threads import use_the_cpu_cores
 from .flags import config_number
 from .peers import PEER_METHODS, PeerArguments, check_peer_flags, peer_config
 from .quick_eval import results_table, write_results
+from .quiet_imports import release_if_4bit_on_cpu
 
 METHODS = ("weightlora", "random", "lora", *PEER_METHODS)
 logger = logging.getLogger(__name__)
@@ -329,6 +330,7 @@ def run_recipe(main, make_parser) -> None:
     try:
         parsed = make_parser().parse_args_and_config()
         show_wlora_logs()
+        release_if_4bit_on_cpu(parsed, uses_gpu=_uses_gpu())  # the kernel messages held back at import
         use_the_cpu_cores(uses_gpu=_uses_gpu())
         main(*parsed)
     except INPUT_ERRORS as error:

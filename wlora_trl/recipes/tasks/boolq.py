@@ -1,8 +1,9 @@
 """BoolQ (yes/no questions about a Wikipedia passage) as binary sequence classification.
 
 Rows have the layout of SuperGLUE `boolq` as lm-evaluation-harness reads it: `question`, `passage`, `idx`,
-`label` (1 = yes/true, 0 = no/false). Offline they come from `<data folder>/boolq/validation.jsonl`, the only
-split the local data folder carries; with `dataset_name` (e.g. `aps/super_glue`, config `boolq`) from the hub.
+`label` (1 = yes/true, 0 = no/false). They come from `<data folder>/boolq/validation.jsonl`, the only split the
+local data folder carries, when a local data folder is found, else from the hub's `aps/super_glue` (config `boolq`,
+the same split, one log line says which); with `dataset_name` from that hub dataset.
 
 Because there is one local split, the examples train and evaluate on two disjoint slices of it, chosen by
 position so they never depend on a random seed: rows 0, 5, 10, ... (every 5th row, 654 of 3270) are the eval
@@ -15,13 +16,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .common import DataFormatError, Row, hub_rows, local_rows, require_text
+from .common import DataFormatError, Row, hub_rows, local_or_hub_rows, require_text
 
 LOCAL_NAME = "boolq"
+HUB_ID = "aps/super_glue"
+HUB_CONFIG = "boolq"
 EVAL_EVERY = 5  # every 5th row is held out
 HOW_TO_GET_IT = (
     "BoolQ's validation split is SuperGLUE's BoolQ val.jsonl with label true/false written as 1/0 (fields question, "
-    "passage, idx, label). Online, pass --dataset_name aps/super_glue --dataset_config boolq instead."
+    "passage, idx, label). Online, without a local data folder, the hub copy aps/super_glue (config boolq) is read "
+    "instead; --dataset_name aps/super_glue --dataset_config boolq reads it even where a local folder exists."
 )
 
 
@@ -49,11 +53,12 @@ def load_boolq(
     *,
     data_dir: str | os.PathLike | None = None,
     dataset_name: str | None = None,
-    dataset_config: str | None = "boolq",
+    dataset_config: str | None = HUB_CONFIG,
 ) -> list[BoolQExample]:
-    """Every row of one split, checked (a bad row raises `DataFormatError` naming file, line and field)."""
+    """Every row of one split, checked (a bad row raises `DataFormatError` naming file, line and field): from the
+    local data folder, else the hub's aps/super_glue, or from the hub dataset `dataset_name`."""
     if dataset_name is None:
-        rows = local_rows(LOCAL_NAME, split, data_dir, HOW_TO_GET_IT)
+        rows = local_or_hub_rows(LOCAL_NAME, split, data_dir, (HUB_ID, HUB_CONFIG), HOW_TO_GET_IT)
     else:
         rows = hub_rows(dataset_name, dataset_config, split)
     return [_example(row) for row in rows]

@@ -2,9 +2,10 @@
 or folder, the hub), row checks, label typing and tokenisation.
 
 Known tasks (`TASKS`) come from the local data folder in the hub layout of `nyu-mll/glue`
-(`<data folder>/glue/<task>/{train,validation}.jsonl`) or, with `dataset_name`, from the hub; BoolQ from
-`<data folder>/boolq/validation.jsonl`, its one local split cut into train and eval by position (every 5th row is
-eval, see `boolq.train_eval_slices`). GLUE's test labels are not public, so the validation split is the held-out set.
+(`<data folder>/glue/<task>/{train,validation}.jsonl`) when one is found, else from the hub's `nyu-mll/glue` (one
+log line says which), or, with `dataset_name`, from that hub dataset; BoolQ from `<data folder>/boolq/validation.jsonl`
+(else the hub's `aps/super_glue` validation split), its one split cut into train and eval by position (every 5th row
+is eval, see `boolq.train_eval_slices`). GLUE's test labels are not public, so the validation split is the held-out set.
 
 Any other dataset is a custom task: `dataset_name` is a hub id, a local folder holding `<split>.jsonl` (or
 `.json`) files, or one local JSON / JSON-lines file (then cut into train and eval by position as BoolQ is), with one
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import boolq
-from .common import DataFormatError, Row, hub_rows, local_rows, read_jsonl, require_text
+from .common import DataFormatError, Row, hub_rows, local_or_hub_rows, read_jsonl, require_text
 from .metrics import METRICS
 
 GLUE_SOURCE = (
     "The GLUE files are those GLUE's download_glue_data.py writes, as JSON lines in the hub layout of nyu-mll/glue "
-    "(fields sentence or sentence1/sentence2, label, idx). Online, pass --dataset_name nyu-mll/glue --dataset_config "
-    "<task> to read the hub copy instead."
+    "(fields sentence or sentence1/sentence2, label, idx). Online, without a local data folder, the hub copy "
+    "nyu-mll/glue is read instead; --dataset_name nyu-mll/glue --dataset_config <task> reads it even where a local "
+    "folder exists."
 )
 
 
@@ -71,7 +73,7 @@ TASKS = {
         "BoolQ",
         ("question", "passage"),
         local=boolq.LOCAL_NAME,
-        hub=("aps/super_glue", "boolq"),
+        hub=(boolq.HUB_ID, boolq.HUB_CONFIG),
         one_split="validation",
         truncation="only_second",
         label_names=("no", "yes"),
@@ -200,13 +202,16 @@ def _local_split(folder: Path, split: str) -> list[Row]:
 
 def _raw_splits(spec, dataset_name, dataset_config, train_split, eval_split, data_dir) -> tuple[list, list, str]:
     """(train rows, eval rows, source) before any check of their fields."""
-    if dataset_name is None:
+    if dataset_name is None:  # a known task: the local data folder, else the hub's copy
         if spec.one_split:
-            rows = local_rows(spec.local, spec.one_split, data_dir, spec.how_to_get_it)
-            train, held_out = boolq.train_eval_slices(rows)
-            return train, held_out, f"{spec.local}/{spec.one_split}.jsonl, cut by position"
-        train = local_rows(spec.local, train_split, data_dir, spec.how_to_get_it)
-        return train, local_rows(spec.local, eval_split, data_dir, spec.how_to_get_it), f"local {spec.local}"
+            rows = local_or_hub_rows(spec.local, spec.one_split, data_dir, spec.hub, spec.how_to_get_it)
+            where = f"{spec.hub[0]} {spec.one_split}" if rows[0].hub else f"{spec.local}/{spec.one_split}.jsonl"
+            return (*boolq.train_eval_slices(rows), f"{where}, cut by position")
+        train, held_out = (
+            local_or_hub_rows(spec.local, split, data_dir, spec.hub, spec.how_to_get_it)
+            for split in (train_split, eval_split)
+        )
+        return train, held_out, spec.hub[0] if train[0].hub else f"local {spec.local}"
     path = Path(dataset_name).expanduser()
     if path.is_file():
         train, held_out = boolq.train_eval_slices(_read_local_file(path))

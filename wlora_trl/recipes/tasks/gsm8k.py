@@ -1,9 +1,10 @@
 """GSM8K (grade-school math word problems): loading, row checks, chat formatting and answer scoring.
 
 Rows have the hub layout of `openai/gsm8k` (config `main`): `question`, and `answer` = worked solution ending in
-`#### N`. They come from `<data folder>/gsm8k/{train,test}.jsonl` (offline, the default) or from the hub
-(`dataset_name="openai/gsm8k"`). Every loaded row is checked; a row without a question, or whose answer does not
-end in `#### <number>`, raises `DataFormatError` naming the file and line.
+`#### N`. They come from `<data folder>/gsm8k/{train,test}.jsonl` when a local data folder is found, else from the
+hub's `openai/gsm8k` (one log line says which), or from the hub dataset `dataset_name` names. Every loaded row is
+checked; a row without a question, or whose answer does not end in `#### <number>`, raises `DataFormatError` naming
+the file and line.
 
 Training examples are conversational prompt/completion pairs (the user turn is the question, the assistant turn
 the full solution), so TRL renders them with the model's chat template and puts the loss on the answer only.
@@ -20,14 +21,15 @@ import os
 import re
 from dataclasses import dataclass
 
-from .common import DataFormatError, Row, hub_rows, local_rows, require_text
+from .common import DataFormatError, Row, hub_rows, local_or_hub_rows, require_text
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
 LOCAL_NAME = "gsm8k"
 HOW_TO_GET_IT = (
     "GSM8K's files are train.jsonl and test.jsonl of github.com/openai/grade-school-math "
-    "(grade_school_math/data/). Online, pass --dataset_name openai/gsm8k to read the hub copy instead."
+    "(grade_school_math/data/). Online, without a local data folder, the hub copy openai/gsm8k is read instead; "
+    "--dataset_name openai/gsm8k reads it even where a local folder exists."
 )
 
 # A number as GSM8K writes it: optional sign, digits with optional thousands commas, optional decimals.
@@ -128,11 +130,12 @@ def load_gsm8k(
 ) -> list[GSM8KExample]:
     """The checked examples of one split, in file order; the first `limit` of them when given.
 
-    `dataset_name=None` reads the local data folder (see `wlora_trl.data`); a hub id reads the hub. Every row of
-    the split is checked, not only the first `limit`, so a broken file is noticed whatever the slice.
+    `dataset_name=None` reads the local data folder (see `wlora_trl._offline.data`), or the hub's openai/gsm8k when
+    none is found; a hub id reads that dataset. Every row of the split is checked, not only the first `limit`, so a
+    broken file is noticed whatever the slice.
     """
     if dataset_name is None:
-        rows = local_rows(LOCAL_NAME, split, data_dir, HOW_TO_GET_IT)
+        rows = local_or_hub_rows(LOCAL_NAME, split, data_dir, (HUB_ID, HUB_CONFIG), HOW_TO_GET_IT)
     else:
         rows = hub_rows(dataset_name, dataset_config, split)
     examples = [_example(row) for row in rows]

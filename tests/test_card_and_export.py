@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from tests.test_export import STOCK_RELOAD
 from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
+from wlora_trl.artifacts.plotting import HEATMAP_FILE
 from wlora_trl.cli import main as cli_main
-from wlora_trl.plotting import HEATMAP_FILE
 
 IDS = torch.arange(3, 35).reshape(2, 16)
 

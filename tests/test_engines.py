@@ -53,9 +53,9 @@ class RecordingEngine(Engine):
         assert trainer.weight_lora.switched
         self._record("after_switch")
 
-    def save_model(self, trainer, directory, padded, stock_save):
+    def save_model(self, trainer, directory, padded):
         self._record("save_model")
-        super().save_model(trainer, directory, padded, stock_save)
+        super().save_model(trainer, directory, padded)
 
     def load_checkpoint(self, trainer, checkpoint, load_weights):
         self._record("load_checkpoint")
@@ -144,7 +144,7 @@ def test_settings_no_engine_runs_are_refused_when_detected(setting, message):
 
 
 ENGINE_QUESTIONS = re.compile(
-    r"is_deepspeed_enabled|is_fsdp_enabled|\.is_fsdp2\b|deepspeed_plugin|fsdp_plugin|num_processes\s*[<>=!]|ddp_inside"
+    r"is_deepspeed_enabled|is_fsdp_enabled|accelerator\.is_fsdp2|deepspeed_plugin|fsdp_plugin|num_processes\s*[<>=!]|ddp_inside"
 )
 
 

@@ -20,8 +20,8 @@ from peft.tuners.lora.layer import ParamWrapper
 
 from tests.testing_utils import VOCAB, addition_lm_dataset, cpu_args, tiny_qwen3_moe
 from wlora_trl import WeightLoraConfig, WeightLoraModel, WeightLoraTrainer
-from wlora_trl.card import model_card
-from wlora_trl.portable import lora_config_from_selection
+from wlora_trl.artifacts.card import model_card
+from wlora_trl.artifacts.portable import lora_config_from_selection
 from wlora_trl.state import read_selection, selection_grid, write_selection
 
 IDS = torch.arange(3, 35).reshape(2, 16)
@@ -193,7 +193,7 @@ def test_the_record_heatmap_card_and_portable_config_carry_the_blocks(tmp_path):
     stage2 = get_peft_model(tiny_qwen3_moe(seed=0), config)
     assert sum(p.numel() for n, p in stage2.named_parameters() if "lora_" in n) == trainable
     with pytest.raises(ValueError, match="experts or routers"):
-        from wlora_trl.export import pad_adapter
+        from wlora_trl.artifacts.export import pad_adapter
 
         pad_adapter(tmp_path, tmp_path / "padded")
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from wlora_trl.plotting import plot_selection_heatmap
+from wlora_trl.artifacts.plotting import plot_selection_heatmap
 from wlora_trl.state import SelectionReport, parse_module_name, read_selection, selection_grid, write_selection
 
 LLAMA_PROJECTIONS = [

@@ -15,7 +15,7 @@ from trl import ModelConfig, SFTTrainer, TrlParser, get_peft_config
 
 from tests.testing_utils import char_tokenizer, sft_args, sums_dataset, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraSFTTrainer, lora_config_from_selection
-from wlora_trl.portable import TARGETS_FILE, write_lora_targets
+from wlora_trl.artifacts.portable import TARGETS_FILE, write_lora_targets
 from wlora_trl.state import read_selection
 
 

@@ -26,7 +26,7 @@ from trl.trainer.utils import use_adapter
 
 from tests.testing_utils import char_tokenizer, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraDPOTrainer, WeightLoraGRPOTrainer, WeightLoraModel
-from wlora_trl.export import WEIGHT_LORA_FIELDS
+from wlora_trl.artifacts.export import WEIGHT_LORA_FIELDS
 
 T, STEPS = 3, 5
 N_ADAPTERS = 14  # 2 layers x 7 linear projections

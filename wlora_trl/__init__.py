@@ -17,7 +17,7 @@ _EXPORTS = {
     "WeightLoraModel": ".model",
     "WeightLoraSFTTrainer": ".trainer",
     "WeightLoraTrainer": ".trainer",
-    "lora_config_from_selection": ".portable",
+    "lora_config_from_selection": ".artifacts.portable",
 }
 __all__ = [
     "CITATION",
@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .artifacts.portable import lora_config_from_selection
     from .config import CITATION, WeightLoraConfig
     from .model import WeightLoraModel
-    from .portable import lora_config_from_selection
     from .trainer import WeightLoraMixin, WeightLoraSFTTrainer, WeightLoraTrainer
     from .trl_trainers import WeightLoraDPOTrainer, WeightLoraGRPOTrainer
 

@@ -565,28 +565,17 @@ class WeightLoraModel:
         padded: bool = False,
     ) -> None:
         """Write the stock PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`) and what a save holds
-        beside it (`selection.json`, the heatmap, the model card; `wlora_trl.saving`).
+        beside it (`selection.json`, the heatmap, the model card; `wlora_trl.artifacts.saving`).
 
         For custom loops, in any mode; under FSDP2 call it on every rank (it gathers the adapters), and rank 0
         writes (`is_main_process` overrides that). `PeftModel.from_pretrained(base, directory)` reloads it. `step`
         is recorded in selection.json; `trainer_tags` go into the card; `padded=True` pads the adapter to every
-        targeted (layer, projection) for serving engines (`export.pad_adapter`)."""
-        from safetensors.torch import save_file
+        targeted (layer, projection) for serving engines (`artifacts.export.pad_adapter`)."""
+        from .artifacts.saving import save_adapter_folder
 
-        from .saving import write_selection_files
-
-        state = self.adapter_state_dict()
-        if is_main_process is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            is_main_process = not distributed or torch.distributed.get_rank() == 0
-        if not is_main_process:
-            return
-        os.makedirs(directory, exist_ok=True)
-        save_file(state, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = self.adapter_config()
-        config.inference_mode = True  # as PeftModel.save_pretrained writes it
-        config.save_pretrained(directory)
-        write_selection_files(directory, self.report(step), config, trainer_tags, padded=padded)
+        save_adapter_folder(
+            directory, self, step=step, trainer_tags=trainer_tags, padded=padded, is_main_process=is_main_process
+        )
 
     def restore(self, report: SelectionReport, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Return to the state a `report()` describes (resuming a checkpoint), before its weights are loaded. Pass

@@ -50,13 +50,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from ._compat import loss_scale, sync_each_batch
-from .card import write_model_card
+from .artifacts.card import write_model_card
+from .artifacts.trackers import log_heatmap_to_trackers
 from .config import CITATION, WeightLoraConfig
 from .engines import Engine, check_training_args, detect_engine
 from .model import WeightLoraModel
 from .state import RESUME_HINT, SelectionReport, kept_per_projection, read_selection
 from .surgery import innermost_optimizer
-from .trackers import log_heatmap_to_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class WeightLoraMixin:
     order works. Cooperative: it checks the arguments, lets the trainer build everything, then attaches
     `self.weight_lora` (a `WeightLoraModel`) and `self.engine` (one process, DDP, FSDP2 or DeepSpeed ZeRO, detected
     once: `wlora_trl.engines`), which it asks wherever engines differ. It overrides `create_optimizer` (omega stays out), `training_step`
-    (the switch, omega's gradient), `save_model` / `_save` / `_load_from_checkpoint` (selection.json, warm-up saves,
+    (the switch, omega's gradient), `save_model` / `_load_from_checkpoint` (selection.json, warm-up saves,
     the trained adapter only), `train` and `log`.
     """
 
@@ -344,24 +344,11 @@ class WeightLoraMixin:
         """The stock PEFT adapter plus `selection.json`, the selection heatmap (with matplotlib) and a model card.
 
         `padded=True`: an adapter on every targeted (layer, projection), zeros where one was dropped, for serving
-        engines that want that shape (see `export.pad_adapter`)."""
+        engines that want that shape (see `artifacts.export.pad_adapter`)."""
         directory = output_dir or self.args.output_dir
-        stock_save = functools.partial(super().save_model, output_dir, _internal_call)
-        self.engine.save_model(self, directory, padded, stock_save)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        model = self.weight_lora.model
-        if len(model.peft_config) == 1:
-            return super()._save(output_dir, state_dict)
-        # Frozen adapters beside the trained one (TRL's reference copy "ref"): PEFT would save each into a subfolder,
-        # with WeightLoRA's config fields. The export is the trained adapter only.
-        if not self.args.should_save:
-            return None
-        directory = output_dir or self.args.output_dir
-        os.makedirs(directory, exist_ok=True)
-        model.save_pretrained(directory, state_dict=state_dict, selected_adapters=[self.weight_lora.adapter_name])
-        self._save_tokenizer_and_args(directory)
-        return None
+        self.engine.save_model(self, directory, padded)
+        if self.args.push_to_hub and not _internal_call:  # as the Trainer's own save_model
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_tokenizer_and_args(self, directory: str) -> None:
         """What `Trainer._save` writes beside the weights."""
@@ -369,6 +356,8 @@ class WeightLoraMixin:
 
         if self.processing_class is not None:
             self.processing_class.save_pretrained(directory)
+        elif getattr(getattr(self, "data_collator", None), "tokenizer", None) is not None:
+            self.data_collator.tokenizer.save_pretrained(directory)
         torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
 
     def create_model_card(self, *args, **kwargs) -> None:

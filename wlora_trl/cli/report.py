@@ -62,7 +62,10 @@ def summary_markdown(report: SelectionReport) -> str:
 
 
 def report_command(directory: str, output_dir: str | None) -> int:
-    from ..plotting import HEATMAP_FILE, plot_selection_heatmap  # matplotlib is imported when plotting: optional
+    from ..artifacts.plotting import (  # matplotlib is imported when plotting: optional
+        HEATMAP_FILE,
+        plot_selection_heatmap,
+    )
 
     report = read_selection(directory)
     output_dir = output_dir or directory
@@ -91,7 +94,7 @@ def export_command(source: str, target: str, padded: bool) -> int:
     report = read_selection(source)
     if not report.switched:
         raise ValueError(f"{source} was saved before the switch: every adapter is still there, nothing to pad.")
-    from ..export import pad_adapter
+    from ..artifacts.export import pad_adapter
 
     pad_adapter(source, target)
     print(f"wrote the padded adapter to {target}")

@@ -18,7 +18,7 @@ A new engine is one module: a subclass of `Engine` that overrides the hooks wher
 - `step_skipped(trainer)`: for engines whose optimizer steps inside the backward (`steps_in_backward`), whether that
   step was skipped; omega's step then follows in `training_step` instead of hanging on the optimizer.
 - `before_switch(trainer)`, `after_switch(trainer)`.
-- `save_model(trainer, directory, padded, stock_save)`; `load_checkpoint(trainer, checkpoint, load_weights)` and
+- `save_model(trainer, directory, padded)`; `load_checkpoint(trainer, checkpoint, load_weights)` and
   `after_optimizer_loaded(trainer, checkpoint)` when resuming.
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ..export import finish_adapter_file, restore_warmup_weights
-from ..saving import write_selection_files
+from ..artifacts.export import restore_warmup_weights
+from ..artifacts.saving import save_adapter_folder
 from ..state import RESUME_HINT, read_selection
 from .access import PLAIN_ACCESS, ParameterAccess
 
@@ -39,9 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    """One process: the switch removes dropped adapters and rebuilds kept ones (module swap); PEFT writes the
-    adapter files and the export finishes them; a checkpoint during the warm-up keeps the unfolded weights beside
-    PEFT's file. The defaults of every hook are this engine's."""
+    """One process: the switch removes dropped adapters and rebuilds kept ones (module swap); a checkpoint during the
+    warm-up keeps the unfolded weights beside the adapter. The defaults of every hook are this engine's."""
 
     name = "one process"
     # Mask mode keeps the model's structure (dropped adapters switched off in place), for engines that shard it.
@@ -50,6 +49,9 @@ class Engine:
     shards_parameters = False
     # Whether the engine's optimizer steps inside the backward (DeepSpeed under accelerate).
     steps_in_backward = False
+    # Whether the engine's own checkpoint files hold the unfolded warm-up weights (FSDP2's and DeepSpeed's do); else
+    # a save during the warm-up keeps them beside the adapter, for resuming.
+    checkpoint_holds_warmup_weights = False
 
     def __init__(self) -> None:
         self.parameter_access: ParameterAccess = PLAIN_ACCESS
@@ -97,17 +99,23 @@ class Engine:
 
     # --- saving and resuming ----------------------------------------------------------------------------------------
 
-    def save_model(self, trainer: Any, directory: str, padded: bool, stock_save: Callable[[], None]) -> None:
-        """`save_model`: PEFT's files written by the Trainer (`stock_save`), made the model being trained (omega
-        folded in during the warm-up, the unfolded weights beside it for resuming; dropped adapters' trained biases
-        with bias="lora_only"), then selection.json, the card and the heatmap."""
-        stock_save()
-        if trainer.args.should_save:
-            weight_lora = trainer.weight_lora
-            finish_adapter_file(directory, weight_lora)
-            report = weight_lora.report(trainer.state.global_step)
-            tags = getattr(trainer, "_tag_names", ())
-            write_selection_files(directory, report, weight_lora.adapter_config(), tags, padded=padded)
+    def save_model(self, trainer: Any, directory: str, padded: bool) -> None:
+        """`save_model` and every checkpoint: the one artefact builder (`artifacts.saving.save_adapter_folder`) writes
+        the stock adapter the model computes now (gathered from the kept adapters where the engine shards them: every
+        rank takes part, the main process writes), with the unfolded warm-up weights beside it unless the engine's own
+        checkpoint files hold them; then the tokenizer and the training arguments, as the Trainer's own save."""
+        weight_lora, should_save = trainer.weight_lora, trainer.args.should_save
+        save_adapter_folder(
+            directory,
+            weight_lora,
+            step=trainer.state.global_step,
+            trainer_tags=getattr(trainer, "_tag_names", ()),
+            padded=padded,
+            warmup_weights=not self.checkpoint_holds_warmup_weights,
+            is_main_process=should_save,
+        )
+        if should_save:
+            trainer._save_tokenizer_and_args(directory)
 
     def load_checkpoint(self, trainer: Any, checkpoint: str, load_weights: Callable[[], None]) -> None:
         """Resume: rebuild the checkpoint's structure (and omega) first, since the Trainer loads adapter weights into

@@ -242,7 +242,7 @@ class ZeroEngine(MaskModeEngine):
 
     name = "DeepSpeed ZeRO"
     shards_parameters = True
-    writes_engine_checkpoint = True
+    checkpoint_holds_warmup_weights = True
     steps_in_backward = True
 
     def __init__(self) -> None:

@@ -55,7 +55,7 @@ def keep_loss_in_full_precision(trainer: Any) -> None:
 class Fsdp2Engine(MaskModeEngine):
     name = "FSDP2"
     shards_parameters = True
-    writes_engine_checkpoint = True
+    checkpoint_holds_warmup_weights = True
 
     @classmethod
     def check_arguments(cls, args: Any) -> None:

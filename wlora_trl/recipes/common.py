@@ -18,10 +18,10 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .._offline.models import public_name
-from ..card import CARD_FILE
+from ..artifacts.card import CARD_FILE
+from ..artifacts.plotting import HEATMAP_FILE
 from ..config import WeightLoraConfig
 from ..engines.fsdp2 import is_fsdp2
-from ..plotting import HEATMAP_FILE
 from ..state import SELECTION_FILE, kept_by_projection
 from .cpu_threads import use_the_cpu_cores
 from .flags import config_number

@@ -61,8 +61,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 
 from .._offline.hub import hub_offline
 from .._offline.models import SMOLLM2_LOCAL, resolve_model
+from ..artifacts.portable import TARGETS_FILE
 from ..engines.fsdp2 import keep_loss_in_full_precision
-from ..portable import TARGETS_FILE
 from ..trainer import WeightLoraSFTTrainer
 from . import common, peers
 from .quick_eval import greedy_generate_across_processes

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .state import SelectionReport, read_selection, selection_grid
+from ..state import SelectionReport, read_selection, selection_grid
 
 HEATMAP_FILE = "selection_heatmap.png"  # the name the recipes save it under, next to selection.json
 MATPLOTLIB_INSTALL = "pip install matplotlib  (or: pip install 'wlora-trl[examples]')"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .state import SelectionReport
+from ..state import SelectionReport
 
 IMAGE_TAG = "weight_lora/selection"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from .config import CITATION
-from .state import SelectionReport, kept_by_projection
+from ..config import CITATION
+from ..state import SelectionReport, kept_by_projection
 
 CARD_FILE = "README.md"
 PAPER_URL = "https://arxiv.org/abs/2506.02724"

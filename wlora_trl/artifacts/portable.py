@@ -21,9 +21,9 @@ import os
 
 from peft import LoraConfig
 
+from ..state import SelectionReport, read_selection
+from ..surgery import alpha_for_rank
 from .export import ADAPTER_CONFIG
-from .state import SelectionReport, read_selection
-from .surgery import alpha_for_rank
 
 TARGETS_FILE = "lora_targets.yaml"
 # Fields of the stage-1 adapter config that describe the adapters' form, carried into stage 2's LoraConfig.

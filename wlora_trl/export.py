@@ -124,14 +124,16 @@ def pad_adapter(source: str | os.PathLike, target: str | os.PathLike, report=Non
     every layer when one layer lacks it; older SGLang failed without one of q/k/v). Needs the `selection.json`
     beside the adapter (format 2 or later: it records each layer's shape) and one rank for all kept adapters.
     Returns `target`. `source` and `target` may be the same folder. `report`: the source's selection, when the
-    caller has it in memory (else read from its selection.json).
+    caller has it in memory (else read from its selection.json and checked against the weights,
+    `state.check_adapter_weights`). A selection.json that disagrees with the folder is a `ValueError` naming
+    the file.
     """
     import shutil
 
     from .state import read_selection
 
     source, target = os.fspath(source), os.fspath(target)
-    report = report if report is not None else read_selection(source)
+    report = report if report is not None else read_selection(source, check_weights=True)
     if not report.switched:
         raise ValueError(f"{source} was saved before the switch: every adapter is still there, nothing to pad.")
     if any(a.kind != "linear" for a in report.adapters):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -16,7 +17,9 @@ from tests.test_export import STOCK_RELOAD
 from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
 from wlora_trl.cli import main as cli_main
+from wlora_trl.export import pad_adapter
 from wlora_trl.plotting import HEATMAP_FILE
+from wlora_trl.state import read_selection
 
 IDS = torch.arange(3, 35).reshape(2, 16)
 
@@ -178,3 +181,28 @@ def test_a_selection_that_disagrees_with_its_folder_is_refused_and_nothing_writt
     assert cli_main(["report", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "report")]) == 0
     assert cli_main(["export", "--padded", str(tmp_path / "adapter"), str(tmp_path / "padded")]) == 0
     assert cli_main(["report", str(tmp_path / "padded"), "--output_dir", str(tmp_path / "padded-report")]) == 0
+
+
+def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path, capsys):
+    # Before: safetensors' own SafetensorError as a traceback, exit 1, where other damaged folders get one line.
+    trainer, _ = _trained(tmp_path)
+    trainer.save_model(str(tmp_path / "adapter"))
+    capsys.readouterr()
+    report = read_selection(tmp_path / "adapter")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "cut")
+    weights = tmp_path / "cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = f"{weights} cannot be read (Error while deserializing header"
+    for argv in (["report", str(tmp_path / "cut"), "--output_dir", str(tmp_path / "report")],
+                 ["export", "--padded", str(tmp_path / "cut"), str(tmp_path / "padded")]):  # fmt: skip
+        err = _refused(capsys, argv)
+        assert message in err and "damaged or incomplete" in err and "copy it again" in err, err
+    assert not (tmp_path / "padded").exists()
+    # From Python too, with the selection in memory (the header is then read by the padding's own load).
+    with pytest.raises(ValueError, match="cannot be read .*damaged or incomplete"):
+        pad_adapter(tmp_path / "cut", tmp_path / "padded", report=report)
+    # The installed command, as a user runs it: exit 2 and the one line.
+    command = [sys.executable, "-m", "wlora_trl.cli", "export", "--padded", str(tmp_path / "cut"), str(tmp_path / "p")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"wlora-trl export: error: {message}")

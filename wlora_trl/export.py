@@ -21,6 +21,7 @@ import os
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import WeightLoraConfig
@@ -125,12 +126,12 @@ def pad_adapter(source: str | os.PathLike, target: str | os.PathLike, report=Non
     beside the adapter (format 2 or later: it records each layer's shape) and one rank for all kept adapters.
     Returns `target`. `source` and `target` may be the same folder. `report`: the source's selection, when the
     caller has it in memory (else read from its selection.json and checked against the weights,
-    `state.check_adapter_weights`). A selection.json that disagrees with the folder is a `ValueError` naming
-    the file.
+    `state.check_adapter_weights`). A selection.json that disagrees with the folder, or an unreadable weights file,
+    is a `ValueError` naming the file.
     """
     import shutil
 
-    from .state import read_selection
+    from .state import read_selection, unreadable_weights
 
     source, target = os.fspath(source), os.fspath(target)
     report = report if report is not None else read_selection(source, check_weights=True)
@@ -154,7 +155,10 @@ def pad_adapter(source: str | os.PathLike, target: str | os.PathLike, report=Non
     weights_path = os.path.join(source, ADAPTER_WEIGHTS[0])
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"padding reads {ADAPTER_WEIGHTS[0]}; {source} has none")
-    weights = load_file(weights_path)
+    try:
+        weights = load_file(weights_path)
+    except SafetensorError as err:
+        raise unreadable_weights(weights_path, err) from None
     dtype = next(iter(weights.values())).dtype
     for adapter in report.adapters:
         if adapter.kept:

@@ -233,11 +233,25 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+?)(?:\.base_layer)*\.lora_(
 
 
 def adapter_file_keys(path: str | os.PathLike) -> list[str]:
-    """The tensor names in a safetensors file, read from its header (neither the tensors nor torch are loaded)."""
-    from safetensors import safe_open
+    """The tensor names in a safetensors file, read from its header (neither the tensors nor torch are loaded).
 
-    with safe_open(os.fspath(path), framework="numpy") as f:
-        return list(f.keys())
+    A file cut short (an interrupted copy or save) is a `ValueError` naming the file and what to do, where
+    safetensors raises its own `SafetensorError`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            return list(f.keys())
+    except SafetensorError as err:
+        raise unreadable_weights(path, err) from None
+
+
+def unreadable_weights(path: str | os.PathLike, err: Exception) -> ValueError:
+    """The error for a safetensors file that safetensors cannot open (`SafetensorError`): what it is, what to do."""
+    return ValueError(
+        f"{os.fspath(path)} cannot be read ({err}): the file is damaged or incomplete (an interrupted copy, download "
+        "or save?); copy it again from where it was saved, or save the adapter again."
+    )
 
 
 def check_adapter_weights(report: SelectionReport, directory: str | os.PathLike, path: str = SELECTION_FILE) -> None:

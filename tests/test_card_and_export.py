@@ -4,9 +4,11 @@ selection in TensorBoard."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -14,8 +16,10 @@ from transformers import AutoModelForCausalLM
 from tests.test_export import STOCK_RELOAD
 from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraTrainer
+from wlora_trl.artifacts.export import pad_adapter
 from wlora_trl.artifacts.plotting import HEATMAP_FILE
 from wlora_trl.cli import main as cli_main
+from wlora_trl.state import read_selection
 
 IDS = torch.arange(3, 35).reshape(2, 16)
 
@@ -123,3 +127,82 @@ def test_the_switch_reaches_tensorboard_as_scalars_and_an_image(tmp_path, monkey
     }
     assert set(kept) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert sum(kept.values()) == trainer.weight_lora.k
+
+
+def _refused(capsys, argv) -> str:
+    """`wlora-trl` on a damaged folder: exit 2 and one line on stderr, no traceback; returns that line."""
+    try:
+        cli_main(argv)
+        raise AssertionError(f"{argv} was accepted")
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def _damage_selection(folder, edit) -> None:
+    path = folder / "selection.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _swap_a_kept_and_a_dropped(data) -> None:  # n and K still hold; the weights are on the other module
+    adapters = data["adapters"]
+    kept = next(a for a in adapters if a["kept"])
+    dropped = next(a for a in adapters if not a["kept"])
+    kept["kept"], dropped["kept"] = False, True
+
+
+def test_a_selection_that_disagrees_with_its_folder_is_refused_and_nothing_written(tmp_path, capsys):
+    # Before: the adapters list cut to 5 of 14 (still n = 14, K = 7) reported 'kept 3 of 14' and padded to an adapter
+    # whose config targets 5 modules while its weights hold 9; stock PEFT then computes another function.
+    trainer, _ = _trained(tmp_path)
+    trainer.save_model(str(tmp_path / "adapter"))
+    capsys.readouterr()  # the training's progress bars
+    damages = {
+        "cut": (lambda data: data.update(adapters=data["adapters"][:5]), "lists 5 adapters but says n = 14"),
+        "k": (lambda data: data.update(k=5), "marks 7 adapters kept but says K = 5"),
+        "swapped": (_swap_a_kept_and_a_dropped, "holds adapters on 7 modules, but {}/selection.json marks 7 of its "
+                    "n = 14 adapters kept: 1 kept there have no weights"),
+    }  # fmt: skip
+    for name, (edit, message) in damages.items():
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "adapter", folder)
+        _damage_selection(folder, edit)
+        for argv in (["report", str(folder), "--output_dir", str(tmp_path / f"{name}-report")],
+                     ["export", "--padded", str(folder), str(tmp_path / f"{name}-padded")]):  # fmt: skip
+            err = _refused(capsys, argv)
+            assert f"wlora-trl {argv[0]}: error: " in err and message.format(folder) in err, err
+            assert "save it again" in err or "save the adapter again" in err
+        assert not (tmp_path / f"{name}-padded").exists() and not (tmp_path / f"{name}-report").exists()
+    # The folder as saved reports, exports, and its padded copy (zeros on every dropped module) passes the check too.
+    assert cli_main(["report", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "report")]) == 0
+    assert cli_main(["export", "--padded", str(tmp_path / "adapter"), str(tmp_path / "padded")]) == 0
+    assert cli_main(["report", str(tmp_path / "padded"), "--output_dir", str(tmp_path / "padded-report")]) == 0
+
+
+def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path, capsys):
+    # Before: safetensors' own SafetensorError as a traceback, exit 1, where other damaged folders get one line.
+    trainer, _ = _trained(tmp_path)
+    trainer.save_model(str(tmp_path / "adapter"))
+    capsys.readouterr()
+    report = read_selection(tmp_path / "adapter")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "cut")
+    weights = tmp_path / "cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = f"{weights} cannot be read (Error while deserializing header"
+    for argv in (["report", str(tmp_path / "cut"), "--output_dir", str(tmp_path / "report")],
+                 ["export", "--padded", str(tmp_path / "cut"), str(tmp_path / "padded")]):  # fmt: skip
+        err = _refused(capsys, argv)
+        assert message in err and "damaged or incomplete" in err and "copy it again" in err, err
+    assert not (tmp_path / "padded").exists()
+    # From Python too, with the selection in memory (the header is then read by the padding's own load).
+    with pytest.raises(ValueError, match="cannot be read .*damaged or incomplete"):
+        pad_adapter(tmp_path / "cut", tmp_path / "padded", report=report)
+    # The installed command, as a user runs it: exit 2 and the one line.
+    command = [sys.executable, "-m", "wlora_trl.cli", "export", "--padded", str(tmp_path / "cut"), str(tmp_path / "p")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"wlora-trl export: error: {message}")

@@ -1,5 +1,7 @@
 """WeightLoraConfig validation and the resolution of K and T."""
 
+import warnings
+
 import pytest
 from peft import LoraConfig
 
@@ -104,3 +106,64 @@ def test_an_epoch_based_run_shorter_than_t_says_what_the_epochs_come_to():
     with pytest.raises(ValueError, match=f"the run's {run}") as refusal:
         WeightLoraConfig(selection_steps=7).resolve_selection_steps(4, run=run)
     assert "max_steps" not in str(refusal.value).split("Train for")[0]
+
+
+def test_from_pretrained_after_save_pretrained_is_the_same_weight_lora_config(tmp_path):
+    # Before: PEFT's loader returned a plain LoraConfig, k / selection_steps / omega_lr / reinit gone, with PEFT's
+    # warning that the file came from a newer PEFT.
+    config = WeightLoraConfig(r=4, target_modules="all-linear", k=3, selection_steps=7, omega_lr=10.0, reinit=False)
+    config.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = WeightLoraConfig.from_pretrained(tmp_path)
+    assert type(back) is WeightLoraConfig and back == config
+    assert (back.k, back.selection_steps, back.omega_lr, back.plus, back.reinit) == (3, 7, 10.0, False, False)
+
+
+def test_from_pretrained_of_a_stock_lora_config_names_the_defaults_it_uses(tmp_path):
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"stock LoRA config .* no selection.json is beside it.*defaults k=0.5, "
+                      r"selection_steps=0.005, omega_lr=100.0, plus=False, reinit=True, selection='stoiht'"):  # fmt: skip
+        back = WeightLoraConfig.from_pretrained(tmp_path)
+    assert type(back) is WeightLoraConfig and back.r == 4 and set(back.target_modules) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(), dict(plus=True, reinit=False), dict(rank_pattern={"mlp.*": 8}, alpha_pattern={"mlp.*": 16}, k=10)],
+    ids=["WeightLoRA", "WeightLoRA+", "rank_pattern"],
+)
+def test_from_pretrained_of_a_trainer_save_is_the_run_from_selection_json(tmp_path, extra):
+    # A trainer's save holds a stock adapter_config.json (the export loads without wlora_trl): the run's WeightLoRA
+    # fields come from selection.json beside it, and the LoRA fields describe the run's n adapters, not the K kept.
+    from peft import get_peft_model
+
+    from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
+    from wlora_trl import WeightLoraModel, WeightLoraTrainer
+    from wlora_trl.state import read_selection
+
+    run = WeightLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", selection_steps=3, omega_lr=50.0, **extra)
+    trainer = WeightLoraTrainer(
+        tiny_llama(), cpu_args(tmp_path / "run", max_steps=6), train_dataset=addition_lm_dataset(), peft_config=run
+    )
+    trainer.save_model(str(tmp_path / "warmup"))  # step 0: every adapter still there
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    k = 10 if "k" in extra else 7
+    for folder in ("warmup", "adapter"):
+        if "rank_pattern" in extra and folder == "adapter":
+            with pytest.warns(UserWarning, match="rank_pattern / alpha_pattern name the kept adapters only"):
+                config = WeightLoraConfig.from_pretrained(tmp_path / folder)
+        else:
+            config = WeightLoraConfig.from_pretrained(tmp_path / folder)
+        assert type(config) is WeightLoraConfig
+        assert (config.k, config.selection_steps, config.omega_lr) == (k, 3, 50.0)
+        assert (config.plus, config.reinit, config.selection) == (run.plus, run.reinit, "stoiht")
+        assert len(config.target_modules) == 14
+        if "rank_pattern" in extra:  # 10 of 14 kept: some of the 6 MLP adapters (rank 8), some attention ones (4)
+            kept = [a for a in read_selection(tmp_path / folder).adapters if a.kept]
+            assert all(config.rank_pattern.get(a.module, config.r) == a.rank for a in kept)
+        else:
+            assert (config.r, config.lora_alpha) == (4, 8)  # WeightLoRA+'s doubled 8 and 16 halved back
+        weight_lora = WeightLoraModel(get_peft_model(tiny_llama(), config))  # the run's n adapters and K again
+        assert (weight_lora.num_adapters, weight_lora.k) == (14, k)

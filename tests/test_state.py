@@ -80,3 +80,26 @@ def test_an_omega_thresholded_from_a_negative_value_is_written_as_zero_not_minus
         assert [a.omega for a in adapters] == omega.tolist()  # equal values (0.0 == -0.0): nothing else changed
         zeros = [a.omega for a in adapters if a.omega == 0]
         assert len(zeros) == weight_lora.num_adapters - 3 and all(math.copysign(1.0, w) == 1.0 for w in zeros)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(adapters=d["adapters"][:-1]), "lists 13 adapters but says n = 14"),
+        (lambda d: d.update(n=15), "lists 14 adapters but says n = 15"),
+        (lambda d: d.update(k=15), "says K = 15, outside 1..n = 14"),
+        (lambda d: d["adapters"][2].update(kept=True), "was saved before the switch but marks 1 of its adapters kept"),
+        (lambda d: d.update(switched=True), "marks 0 adapters kept but says K = 3"),
+        (lambda d: d["adapters"].reverse(), "does not list its adapters by index 0 to 13"),
+        (lambda d: d["adapters"][1].update(module=d["adapters"][0]["module"]), "lists a module twice"),
+    ],
+    ids=["cut", "n", "k", "kept_in_warmup", "switched_without_kept", "order", "twice"],
+)
+def test_a_record_that_contradicts_itself_is_refused_naming_the_file(tmp_path, edit, message):
+    # Before: read as it was, so a report or a padded export described a selection that never happened.
+    _, report = _warmup_report(tmp_path)
+    data = report.to_dict()
+    edit(data)
+    (tmp_path / "selection.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"selection.json {message}.*damaged or was edited by hand"):
+        read_selection(tmp_path)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,6 +51,10 @@ BOOL_FIELDS = (
     "lora_bias",
     "ensure_weight_tying",
 )
+
+
+# WeightLoRA's own fields, beside LoraConfig's: a stock adapter_config.json (every export) has none of them.
+WEIGHT_LORA_FIELDS = ("k", "selection_steps", "omega_lr", "plus", "reinit", "selection")
 
 
 def _is_number(value: object) -> bool:
@@ -87,7 +93,8 @@ class WeightLoraConfig(LoraConfig):
 
     Raises `ValueError` for values outside those ranges and for LoRA features the switch cannot rebuild (DoRA and
     the other variants, `lora_bias`, inits other than PEFT's default and `"gaussian"`), each message saying what to
-    change. The exported adapter is a stock `LoraConfig`.
+    change. The exported adapter is a stock `LoraConfig`; `WeightLoraConfig.from_pretrained` reads the run's
+    WeightLoRA fields back from the `selection.json` beside it.
 
     Example:
         ```python
@@ -249,6 +256,69 @@ class WeightLoraConfig(LoraConfig):
                 "change. Leave them at their defaults."
             )
 
+    # --- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ) -> WeightLoraConfig:
+        """A `WeightLoraConfig` from a folder (or hub repo) holding an `adapter_config.json`; PEFT's own loader would
+        return a plain `LoraConfig` and drop `k`, `selection_steps`, `omega_lr`, `plus`, `reinit` and `selection`.
+
+        - Written by `WeightLoraConfig.save_pretrained`: the file holds those fields; they are read as saved.
+        - Saved by a WeightLoRA trainer or `save_adapter` (a stock LoRA config, which loads without wlora_trl, plus
+          `selection.json`): the fields are the run's, from selection.json (K and T as the counts the run resolved),
+          and the LoRA fields too: `target_modules` / `target_parameters` name every adapter the run selected from
+          (the file lists the kept ones only after the switch), and WeightLoRA+'s doubled rank and alpha are halved
+          back. After the switch, `rank_pattern` / `alpha_pattern` hold the kept adapters' entries only (a warning
+          says so when there are any).
+        - A stock LoRA config without selection.json: the fields take their defaults, with a warning naming them.
+
+        `subfolder` and the keyword arguments are those of `LoraConfig.from_pretrained` (hub download arguments)."""
+        hub_kwargs, class_kwargs, _ = cls._split_kwargs(kwargs)
+        from peft.utils import CONFIG_NAME
+
+        config_file = _file_in(pretrained_model_name_or_path, subfolder, CONFIG_NAME, hub_kwargs)
+        if config_file is None:
+            raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}'")
+        attributes = {**class_kwargs, **cls.from_json_file(config_file)}
+        if attributes.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{config_file} is a {attributes['peft_type']} config, not LoRA: WeightLoRA selects LoRA "
+                             "adapters. Load it with peft.PeftConfig.from_pretrained.")  # fmt: skip
+        if not set(WEIGHT_LORA_FIELDS) & attributes.keys():
+            from .state import SELECTION_FILE, read_selection
+
+            selection = _file_in(pretrained_model_name_or_path, subfolder, SELECTION_FILE, hub_kwargs)
+            if selection is not None:
+                attributes.update(_run_fields(read_selection(selection), attributes, selection))
+            else:
+                defaults = ", ".join(f"{name}={getattr(cls, name)!r}" for name in WEIGHT_LORA_FIELDS)
+                warnings.warn(
+                    f"{config_file} is a stock LoRA config (an exported adapter holds none of WeightLoRA's fields) and "
+                    f"no {SELECTION_FILE} is beside it, where a WeightLoRA save records the run's: the returned "
+                    f"WeightLoraConfig has the defaults {defaults}.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return cls.from_peft_type(**cls.check_kwargs(**attributes))
+
+    @classmethod
+    def from_peft_type(cls, **kwargs) -> WeightLoraConfig:
+        """This class from a config's fields (PEFT's version maps `peft_type="LORA"` to `LoraConfig`); fields this
+        PEFT does not know, from a newer one, are left out with a warning, as PEFT does."""
+        if kwargs.get("peft_type", "LORA") != "LORA":
+            return super().from_peft_type(**kwargs)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unexpected = sorted(kwargs.keys() - known)
+        if unexpected:
+            warnings.warn(
+                f"Unexpected keyword arguments {unexpected} for class {cls.__name__}, these are ignored: the config "
+                "was probably saved with a newer PEFT.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return cls(**{key: value for key, value in kwargs.items() if key in known})
+
     # --- resolution against the model and the run -------------------------------------------------------------
 
     def resolve_k(self, num_adapters: int) -> int:
@@ -291,3 +361,65 @@ class WeightLoraConfig(LoraConfig):
                 "selection_steps."
             )
         return steps
+
+
+def _file_in(name_or_path: str | os.PathLike, subfolder: str | None, filename: str, hub_kwargs: dict) -> str | None:
+    """The path of `filename` in a local folder, or downloaded from the hub repo `name_or_path`; None if absent."""
+    folder = os.path.join(name_or_path, subfolder) if subfolder is not None else os.fspath(name_or_path)
+    path = os.path.join(folder, filename)
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(folder):
+        return None
+    from huggingface_hub import hf_hub_download
+    from transformers.utils.hub import http_user_agent
+
+    try:
+        return hf_hub_download(
+            os.fspath(name_or_path),
+            filename,
+            subfolder=subfolder,
+            **{"user_agent": http_user_agent(), **hub_kwargs},
+        )
+    except Exception:  # not there, or no hub: as PEFT's from_pretrained, which tries the same
+        return None
+
+
+def _run_fields(report, attributes: dict, path: str) -> dict:
+    """The WeightLoraConfig fields of the run a saved adapter (`attributes`: its stock adapter_config.json) came from,
+    its `selection.json` read as `report`."""
+    from .surgery import alpha_for_rank
+
+    fields = {
+        "k": report.k,
+        "omega_lr": report.omega_lr,
+        "reinit": report.reinit,
+        "plus": report.method == "WeightLoRA+",
+        "selection": "random" if report.method == "random" else "stoiht",
+    }
+    if report.selection_steps is not None:
+        fields["selection_steps"] = report.selection_steps
+    modules = [a.module for a in report.adapters if a.kind == "linear"]
+    parameters = [name for a in report.adapters for name in a.target_parameters]
+    fields.update(target_modules=modules or (None if parameters else []), target_parameters=parameters or None)
+    ranks, alphas = attributes.get("rank_pattern") or {}, attributes.get("alpha_pattern") or {}
+    if report.switched and fields["plus"]:  # the switch doubled every kept rank, alpha keeping the adapters' scaling
+        r, rslora = attributes.get("r", 8), attributes.get("use_rslora", False)
+        fields.update(
+            r=r // 2,
+            lora_alpha=alpha_for_rank(attributes.get("lora_alpha", 8), r, r // 2, rslora),
+            rank_pattern={name: rank // 2 for name, rank in ranks.items()},
+            alpha_pattern={
+                name: alpha_for_rank(alpha, ranks.get(name, r), ranks.get(name, r) // 2, rslora)
+                for name, alpha in alphas.items()
+            },
+        )
+    if report.switched and (ranks or alphas) and not all(a.kept for a in report.adapters):
+        warnings.warn(
+            f"{path}: the adapter's rank_pattern / alpha_pattern name the kept adapters only (the switch dropped the "
+            "others from the saved adapter), so the returned WeightLoraConfig gives the dropped ones r and lora_alpha; "
+            "set rank_pattern / alpha_pattern again to train the run's adapters as they were.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return fields

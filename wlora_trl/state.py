@@ -4,10 +4,11 @@ It is the run's transparency report (n, K, T, every adapter's module, final omeg
 switch) and the state a checkpoint resumes from: omega's fp32 values survive the JSON round trip exactly (a zero is
 written as 0.0, never -0.0).
 `SelectionReport` / `AdapterRecord` are its one typed form; `write_selection` / `read_selection` its only writer and
-reader. Format versions: 1 added `format_version`, `wlora_trl_version` and `omega_steps`; 2 adds each adapter's
-`in_features` / `out_features` (what a report or a padded export needs without the base model); 3 adds units on
-parameters (experts blocks and routers of mixture-of-experts models: `kind`, `num_experts`, `parameters`; linear
-adapters are written as in format 2). Older files still read and resume.
+reader, which refuses a record that contradicts itself (`check_selection`) or, asked to, the adapter weights beside
+it (`check_adapter_weights`). Format versions: 1 added `format_version`, `wlora_trl_version` and `omega_steps`; 2
+adds each adapter's `in_features` / `out_features` (what a report or a padded export needs without the base model);
+3 adds units on parameters (experts blocks and routers of mixture-of-experts models: `kind`, `num_experts`,
+`parameters`; linear adapters are written as in format 2). Older files still read and resume.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 SELECTION_FILE = "selection.json"
+ADAPTER_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 3
 # What a resume that finds no selection.json is told.
 RESUME_HINT = "Resume from a checkpoint of the same WeightLoRA run (each one holds a selection.json)."
@@ -156,11 +159,15 @@ def write_selection(directory: str | os.PathLike, report: SelectionReport) -> st
     return path
 
 
-def read_selection(location: str | os.PathLike, hint: str | None = None) -> SelectionReport:
+def read_selection(
+    location: str | os.PathLike, hint: str | None = None, *, check_weights: bool = False
+) -> SelectionReport:
     """Read a `selection.json`, given its path or the folder holding it (a saved adapter, a checkpoint).
 
     Raises `FileNotFoundError` when there is none and `ValueError` when it is not a selection.json this version
-    reads, each naming the file; `hint` replaces the default advice at the end of the missing-file message."""
+    reads or contradicts itself (`check_selection`: n, K), each naming the file; `hint` replaces the default advice
+    at the end of the missing-file message. `check_weights`: also check it against the `adapter_model.safetensors`
+    beside it (`check_adapter_weights`: the modules its weights are on; a damaged file), when there is one."""
     path = os.fspath(location)
     if os.path.isdir(path) or not path.endswith(".json"):
         path = os.path.join(path, SELECTION_FILE)
@@ -183,7 +190,7 @@ def read_selection(location: str | os.PathLike, hint: str | None = None) -> Sele
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a WeightLoRA selection (a JSON object).")
     try:
-        return SelectionReport.from_dict(data)
+        report = SelectionReport.from_dict(data)
     except KeyError as err:
         raise ValueError(
             f"{path} is not a complete WeightLoRA selection.json: it has no {err.args[0]!r} entry. Was it written by "
@@ -191,6 +198,86 @@ def read_selection(location: str | os.PathLike, hint: str | None = None) -> Sele
         ) from None
     except (TypeError, AttributeError) as err:
         raise ValueError(f"{path} is not a WeightLoRA selection.json this version reads: {err}") from None
+    check_selection(report, path)
+    if check_weights:
+        check_adapter_weights(report, os.path.dirname(path) or ".", path)
+    return report
+
+
+_DAMAGED = "it is damaged or was edited by hand; use the selection.json saved with this adapter, or save it again."
+
+
+def check_selection(report: SelectionReport, path: str = SELECTION_FILE) -> None:
+    """Refuse a record that contradicts itself (a `ValueError` naming `path`): one adapter record per index 0..n-1,
+    each module once, and K kept after the switch (none before it). A selection.json cut short or edited by hand
+    would otherwise report, pad or resume a selection that never was."""
+    adapters = report.adapters
+    if len(adapters) != report.n:
+        raise ValueError(f"{path} lists {len(adapters)} adapters but says n = {report.n}: {_DAMAGED}")
+    if [a.index for a in adapters] != list(range(report.n)):
+        raise ValueError(f"{path} does not list its adapters by index 0 to {report.n - 1}: {_DAMAGED}")
+    if len({a.module for a in adapters}) != len(adapters):
+        raise ValueError(f"{path} lists a module twice: {_DAMAGED}")
+    if not 1 <= report.k <= report.n:
+        raise ValueError(f"{path} says K = {report.k}, outside 1..n = {report.n}: {_DAMAGED}")
+    kept = sum(a.kept for a in adapters)
+    if report.switched and kept != report.k:
+        raise ValueError(f"{path} marks {kept} adapters kept but says K = {report.k}: {_DAMAGED}")
+    if not report.switched and kept:
+        raise ValueError(f"{path} was saved before the switch but marks {kept} of its adapters kept: {_DAMAGED}")
+
+
+# An adapter tensor's key in a PEFT file: `base_model.model.<module>.lora_A.weight`; an experts block's inner
+# wrappers are `<module>.base_layer.lora_A` (`wlora_trl.units`).
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+?)(?:\.base_layer)*\.lora_(?:A|B|embedding_A|embedding_B)\b")
+
+
+def adapter_file_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names in a safetensors file, read from its header (neither the tensors nor torch are loaded).
+
+    A file cut short (an interrupted copy or save) is a `ValueError` naming the file and what to do, where
+    safetensors raises its own `SafetensorError`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            return list(f.keys())
+    except SafetensorError as err:
+        raise unreadable_weights(path, err) from None
+
+
+def unreadable_weights(path: str | os.PathLike, err: Exception) -> ValueError:
+    """The error for a safetensors file that safetensors cannot open (`SafetensorError`): what it is, what to do."""
+    return ValueError(
+        f"{os.fspath(path)} cannot be read ({err}): the file is damaged or incomplete (an interrupted copy, download "
+        "or save?); copy it again from where it was saved, or save the adapter again."
+    )
+
+
+def check_adapter_weights(report: SelectionReport, directory: str | os.PathLike, path: str = SELECTION_FILE) -> None:
+    """Refuse a folder whose `adapter_model.safetensors` holds adapters on other modules than its selection.json
+    describes (a `ValueError`): after the switch the kept ones (or all n, in a padded copy), before it all n. A folder
+    without that file (`adapter_model.bin`, a bare selection.json) is not checked."""
+    weights = os.path.join(os.fspath(directory), ADAPTER_FILE)
+    if not os.path.isfile(weights):
+        return
+    present = {match[1] for key in adapter_file_keys(weights) if (match := _LORA_KEY.match(key))}
+    every = {a.module for a in report.adapters}
+    expected = set(report.kept_modules) if report.switched else every
+    if present in (expected, every):  # after the switch, a padded copy holds (zero) adapters on every module
+        return
+    if report.switched:
+        claim, role = f"marks {len(expected)} of its n = {report.n} adapters kept", "kept"
+    else:
+        claim, role = f"lists n = {report.n} adapters (saved before the switch, all of them in the weights)", "listed"
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    differences = [f"{len(missing)} {role} there have no weights (e.g. {missing[0]})"] if missing else []
+    if unexpected:
+        differences.append(f"the weights hold {len(unexpected)} not {role} there (e.g. {unexpected[0]})")
+    raise ValueError(
+        f"{weights} holds adapters on {len(present)} modules, but {path} {claim}: {'; '.join(differences)}. The "
+        "folder's files do not belong together; use the folder as it was saved, or save the adapter again."
+    )
 
 
 # --- the selection as a layers x projections grid, and in one line ----------------------------------------------

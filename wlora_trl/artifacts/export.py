@@ -15,6 +15,7 @@ import os
 
 import torch
 from peft import LoraConfig, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import WeightLoraConfig
@@ -52,18 +53,24 @@ def pad_adapter(source: str | os.PathLike, target: str | os.PathLike, report=Non
     every layer when one layer lacks it; older SGLang failed without one of q/k/v). Needs the `selection.json`
     beside the adapter (format 2 or later: it records each layer's shape) and one rank for all kept adapters.
     Returns `target`. `source` and `target` may be the same folder. `report`: the source's selection, when the
-    caller has it in memory (else read from its selection.json). A save with `padded=True` pads in memory instead.
+    caller has it in memory (else read from its selection.json and checked against the weights,
+    `state.check_adapter_weights`). A selection.json that disagrees with the folder, or an unreadable weights file,
+    is a `ValueError` naming the file. A save with `padded=True` pads in memory instead.
     """
     import shutil
 
-    from ..state import read_selection
+    from ..state import read_selection, unreadable_weights
 
     source, target = os.fspath(source), os.fspath(target)
-    report = report if report is not None else read_selection(source)
+    report = report if report is not None else read_selection(source, check_weights=True)
     weights_path = os.path.join(source, ADAPTER_WEIGHTS[0])
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"padding reads {ADAPTER_WEIGHTS[0]}; {source} has none")
-    weights, fields = padded_adapter(load_file(weights_path), report, source)
+    try:
+        weights = load_file(weights_path)
+    except SafetensorError as err:
+        raise unreadable_weights(weights_path, err) from None
+    weights, fields = padded_adapter(weights, report, source)
     with open(os.path.join(source, ADAPTER_CONFIG)) as f:
         config = json.load(f)
     config.update(fields)

@@ -1,6 +1,8 @@
 """`wlora-trl report DIR` and `wlora-trl export --padded SRC DST`: what a run selected, and a copy for every engine.
 
-Both read only the run's folder (`selection.json`, the adapter files), so they work on runs done elsewhere.
+Both read only the run's folder (`selection.json`, the adapter files), so they work on runs done elsewhere. Both
+refuse a folder whose selection.json contradicts itself or its adapter weights (`state.check_selection`,
+`state.check_adapter_weights`), with one line naming the file.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def report_command(directory: str, output_dir: str | None) -> int:
         plot_selection_heatmap,
     )
 
-    report = read_selection(directory)
+    report = read_selection(directory, check_weights=True)
     output_dir = output_dir or directory
     os.makedirs(output_dir, exist_ok=True)
     text = summary_markdown(report)
@@ -91,11 +93,11 @@ def export_command(source: str, target: str, padded: bool) -> int:
                          "with every (layer, projection) filled in")  # fmt: skip
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"the target {target} is a file; give a folder to write the adapter into (created if needed)")
-    report = read_selection(source)
+    report = read_selection(source, check_weights=True)
     if not report.switched:
         raise ValueError(f"{source} was saved before the switch: every adapter is still there, nothing to pad.")
     from ..artifacts.export import pad_adapter
 
-    pad_adapter(source, target)
+    pad_adapter(source, target, report=report)
     print(f"wrote the padded adapter to {target}")
     return 0

@@ -1,12 +1,13 @@
 """WeightLoraConfig validation and the resolution of K and T."""
 
+import dataclasses
 import warnings
 
 import pytest
 from peft import LoraConfig
 
 from wlora_trl import WeightLoraConfig
-from wlora_trl.config import MIN_SELECTION_STEPS
+from wlora_trl.config import MIN_SELECTION_STEPS, WEIGHT_LORA_FIELDS
 
 
 def test_is_a_lora_config_with_paper_defaults():
@@ -167,3 +168,10 @@ def test_from_pretrained_of_a_trainer_save_is_the_run_from_selection_json(tmp_pa
             assert (config.r, config.lora_alpha) == (4, 8)  # WeightLoRA+'s doubled 8 and 16 halved back
         weight_lora = WeightLoraModel(get_peft_model(tiny_llama(), config))  # the run's n adapters and K again
         assert (weight_lora.num_adapters, weight_lora.k) == (14, k)
+
+
+def test_weight_lora_fields_are_what_the_config_adds_to_lora_config():
+    """WEIGHT_LORA_FIELDS (what a stock adapter_config.json must not hold, and what from_pretrained reads back from
+    selection.json) is the dataclass difference, so a new field cannot be forgotten by either."""
+    added = {f.name for f in dataclasses.fields(WeightLoraConfig)} - {f.name for f in dataclasses.fields(LoraConfig)}
+    assert set(WEIGHT_LORA_FIELDS) == added and len(WEIGHT_LORA_FIELDS) == len(added)

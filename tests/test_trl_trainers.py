@@ -26,7 +26,7 @@ from trl.trainer.utils import use_adapter
 
 from tests.testing_utils import char_tokenizer, tiny_llama
 from wlora_trl import WeightLoraConfig, WeightLoraDPOTrainer, WeightLoraGRPOTrainer, WeightLoraModel
-from wlora_trl.artifacts.export import WEIGHT_LORA_FIELDS
+from wlora_trl.config import WEIGHT_LORA_FIELDS
 
 T, STEPS = 3, 5
 N_ADAPTERS = 14  # 2 layers x 7 linear projections
@@ -195,7 +195,7 @@ def test_trains_through_the_switch_and_the_saved_adapter_reloads_with_stock_peft
     kept = {a.module for a in weight_lora.adapters if a.kept}
     config = json.loads((result["adapter_dir"] / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == kept
-    assert not WEIGHT_LORA_FIELDS & set(config), "the saved config must be a stock LoraConfig"
+    assert not set(WEIGHT_LORA_FIELDS) & set(config), "the saved config must be a stock LoraConfig"
     assert not (result["adapter_dir"] / "ref").exists(), "TRL's reference adapter must not be exported"
     own_effect = (result["reloaded"] - result["base_logits"]).abs().max().item()
     assert own_effect > 100 * TOLERANCE, f"the adapter barely changes the model ({own_effect:.2e})"

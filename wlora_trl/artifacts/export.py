@@ -9,24 +9,17 @@ every projection type in every layer gets `pad_adapter`'s copy (zeros where an a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import torch
-from peft import LoraConfig, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-from ..config import WeightLoraConfig
 
 WARMUP_STATE_FILE = "weight_lora_warmup_adapter.safetensors"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_CONFIG = "adapter_config.json"
-# What a WeightLoraConfig adds to a LoraConfig: none of it is in a saved adapter_config.json.
-WEIGHT_LORA_FIELDS = {f.name for f in dataclasses.fields(WeightLoraConfig)} - {
-    f.name for f in dataclasses.fields(LoraConfig)
-}
 
 
 def restore_warmup_weights(directory: str | os.PathLike, weight_lora) -> bool:

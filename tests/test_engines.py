@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from tests.testing_utils import addition_lm_dataset, cpu_args, tiny_llama
@@ -104,13 +105,17 @@ def test_a_registered_engine_is_asked_every_hook_in_the_run_s_order(tmp_path, mo
 
 
 class _FakeAccelerator:
-    def __init__(self, processes=1, fsdp2=False):
+    def __init__(self, processes=1, fsdp2=False, launched=False):
         self.num_processes, self.is_fsdp2 = processes, fsdp2
+        launched = launched or processes > 1
+        self.distributed_type = DistributedType.MULTI_CPU if launched else DistributedType.NO
 
 
 class _FakeTrainer:
-    def __init__(self, processes=1, fsdp2=False, fsdp=False, deepspeed=False, n_gpu=1, forced_mask=False):
-        self.accelerator = _FakeAccelerator(processes, fsdp2)
+    def __init__(
+        self, processes=1, fsdp2=False, fsdp=False, deepspeed=False, n_gpu=1, forced_mask=False, launched=False
+    ):
+        self.accelerator = _FakeAccelerator(processes, fsdp2, launched)
         self.is_fsdp_enabled, self.is_deepspeed_enabled = fsdp or fsdp2, deepspeed
         self.args = type("Args", (), {"n_gpu": n_gpu})()
         self._force_mask_mode = forced_mask
@@ -121,11 +126,12 @@ class _FakeTrainer:
     [
         ({}, Engine),
         ({"processes": 2}, DataParallelEngine),
+        ({"launched": True}, DataParallelEngine),  # a one-process torchrun: accelerate wraps it in DDP on the CPU
         ({"processes": 2, "fsdp2": True}, Fsdp2Engine),
         ({"processes": 2, "deepspeed": True}, ZeroEngine),
         ({"forced_mask": True}, MaskModeEngine),
     ],
-    ids=["one_process", "ddp", "fsdp2", "deepspeed", "mask_mode"],
+    ids=["one_process", "ddp", "ddp_one_process", "fsdp2", "deepspeed", "mask_mode"],
 )
 def test_each_setting_is_run_by_its_engine(setting, expected):
     engine = detect_engine(_FakeTrainer(**setting))

@@ -71,16 +71,21 @@ class DataParallelEngine(Engine):
 
     @classmethod
     def detect(cls, trainer: Any) -> bool:
-        return trainer.accelerator.num_processes > 1
+        """A distributed launch (`accelerate launch`, torchrun), one process included: accelerate wraps a one-process
+        CPU run in DDP too, and that wrapper must be renewed at the switch like any other."""
+        accelerator = trainer.accelerator
+        launch = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)  # "MULTI_CPU", "NO"
+        return accelerator.num_processes > 1 or str(launch).startswith("MULTI_")
 
     def before_train(self, trainer: Any) -> None:
         """`evaluate()` before `train()` prepares the bare model in evaluation mode, which marks it as prepared:
         `train()` would then get it back unwrapped, and every rank would train alone. Forget that preparation."""
-        if trainer.model_wrapped is trainer.model:
+        if trainer.accelerator.num_processes > 1 and trainer.model_wrapped is trainer.model:
             undo_evaluation_prepare(trainer.accelerator, trainer.model)
 
     def check_wrapper(self, trainer: Any) -> None:
-        if ddp_inside(trainer.model_wrapped) is None:
+        # One process needs no wrapper (accelerate leaves a one-process CUDA run unwrapped).
+        if trainer.accelerator.num_processes > 1 and ddp_inside(trainer.model_wrapped) is None:
             raise RuntimeError(
                 f"WeightLoRA: {trainer.accelerator.num_processes} processes are training, but the model is not wrapped "
                 f"in DistributedDataParallel (it is a {type(trainer.model_wrapped).__name__}), so each rank would "
@@ -89,7 +94,7 @@ class DataParallelEngine(Engine):
             )
 
     def before_switch(self, trainer: Any) -> None:
-        check_ranks_agree(trainer.weight_lora.omega)
+        check_ranks_agree(trainer.weight_lora.omega)  # a no-op for one process
 
     def after_switch(self, trainer: Any) -> None:
         if ddp_inside(trainer.model_wrapped) is not None:

@@ -240,9 +240,8 @@ def sweep_points(args) -> dict[str, dict[str, tuple[str, list[str]]]]:
     return points
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every run of the study shares (its recipe flags, `study_argv`), also for `benchmarks/lr_grid.py`."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument(
@@ -250,8 +249,6 @@ def main() -> None:
         help="T: 5 steps = 1.7%% of 300 (the paper's 0.5%% would be 1.5 steps, below the floor of 5 that the first "
         "gradient-free step and noise require)",
     )  # fmt: skip
-    parser.add_argument("--sweep_T", nargs="*", default=["15"], help="other T values of the T sweep")
-    parser.add_argument("--sweeps", nargs="*", default=["k", "T", "omega_lr"], choices=["k", "T", "omega_lr"])
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=320)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
@@ -260,6 +257,14 @@ def main() -> None:
         "--train_samples", type=int, default=2000, help="the first N GSM8K train rows, shuffled per seed"
     )
     parser.add_argument("--heldout_samples", type=int, default=200, help="the first N GSM8K test answers")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    add_run_arguments(parser)
+    parser.add_argument("--sweep_T", nargs="*", default=["15"], help="other T values of the T sweep")
+    parser.add_argument("--sweeps", nargs="*", default=["k", "T", "omega_lr"], choices=["k", "T", "omega_lr"])
     parser.add_argument("--em_limit", type=int, default=0, help="also GSM8K exact match on N questions (lm-eval)")
     add_study_arguments(parser, RUNS_DIR, "outputs/quality", REPO / "benchmarks" / "results" / "quality.json")
     args = finish_arguments(parser.parse_args())

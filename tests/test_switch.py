@@ -317,5 +317,11 @@ def test_the_mixin_makes_any_trainer_a_weight_lora_trainer(tmp_path):
     trainer = MyTrainer(model=model, args=cpu_args(tmp_path, max_steps=6), train_dataset=addition_lm_dataset())
     trainer.train()
     assert trainer.weight_lora.switched and len(_lora_layers(trainer.model)) == trainer.weight_lora.k
-    with pytest.raises(ValueError, match="pass peft_config=WeightLoraConfig"):
+    # transformers.Trainer takes no peft_config: what works instead is said, not "pass peft_config=" (found by a user).
+    with pytest.raises(
+        ValueError, match="Trainer takes no peft_config to build them from: pass a model already wrapped"
+    ):
         MyTrainer(model=tiny_llama(), args=cpu_args(tmp_path), train_dataset=addition_lm_dataset())
+    config = WeightLoraConfig(r=R, target_modules="all-linear", selection_steps=T)
+    with pytest.raises(TypeError, match="Trainer takes no peft_config .* subclass wlora_trl.WeightLoraTrainer"):
+        MyTrainer(model=tiny_llama(), args=cpu_args(tmp_path), train_dataset=addition_lm_dataset(), peft_config=config)

@@ -129,14 +129,14 @@ def gathered_adapter_state_dict(
     gathered: dict[str, torch.Tensor] = {}
     for key, param in model.named_parameters():
         if "modules_to_save" in key:
-            gathered[key] = _gathered(access, key, param)
+            gathered[key] = _gathered_tensor(access, key, param)
             continue
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         module = key[len(prefix) :].split(".lora_", 1)[0] if key.startswith(prefix) else None
         if module not in modules:
             continue
-        value = _gathered(access, key, param)
+        value = _gathered_tensor(access, key, param)
         rank, num_experts = ranks[module], (experts or {}).get(module, 1)
         value = first_rank(value, "A" if ".lora_A." in key else "B", rank, num_experts)
         if ".lora_B." in key and modules[module] is not None:
@@ -154,7 +154,7 @@ def gathered_adapter_state_dict(
     }
 
 
-def _gathered(access: ParameterAccess, key: str, param: torch.Tensor) -> torch.Tensor:
+def _gathered_tensor(access: ParameterAccess, key: str, param: torch.Tensor) -> torch.Tensor:
     value = access.read(param).cpu().clone()
     if tuple(value.shape) != full_shape(param) or value.numel() == 0:
         raise RuntimeError(

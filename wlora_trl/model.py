@@ -496,9 +496,11 @@ class WeightLoraModel:
         else:
             omega = self.omega.detach().tolist() if self.omega is not None else [None] * self.num_adapters
             factors, ranks = dict(zip(self.module_names, omega)), self.warmup_ranks
-        return {**self._gathered(factors, ranks), **self.bias_state_dict()}
+        return {**self._adapter_tensors(factors, ranks), **self.bias_state_dict()}
 
-    def _gathered(self, factors: dict[str, float | None], ranks: dict[str, int] | None) -> dict[str, torch.Tensor]:
+    def _adapter_tensors(
+        self, factors: dict[str, float | None], ranks: dict[str, int] | None
+    ) -> dict[str, torch.Tensor]:
         """PEFT's file tensors of the units named in `factors` (unit name: factor on B), at unit rank `ranks[name]`
         (None: as allocated), each unit's layers under the module names they have in the file (an experts block's
         inner wrapper is `<name>.base_layer`)."""
@@ -542,7 +544,7 @@ class WeightLoraModel:
     def warmup_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter's weights as they are (not folded, full allocated rank), in PEFT's file keys: what resuming
         a warm-up checkpoint loads back. A collective under FSDP2."""
-        return {**self._gathered(dict.fromkeys(self.module_names), None), **self.bias_state_dict()}
+        return {**self._adapter_tensors(dict.fromkeys(self.module_names), None), **self.bias_state_dict()}
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Every selectable unit's LoRA parameters (those the switch drops or re-initialises), in unit order."""

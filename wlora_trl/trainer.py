@@ -61,11 +61,19 @@ from .surgery import innermost_optimizer
 logger = logging.getLogger(__name__)
 
 
-def _check_peft_config(peft_config: PeftConfig | None, model: Any) -> None:
-    """Refuse configs WeightLoRA cannot use, before the parent trainer spends time building anything."""
+def _check_peft_config(peft_config: PeftConfig | None, model: Any, builder: str | None = None) -> None:
+    """Refuse configs WeightLoRA cannot use, before the parent trainer spends time building anything. `builder`: the
+    name of a parent trainer that takes no `peft_config` (a `transformers.Trainer` subclass), so cannot build the
+    adapters itself."""
     if peft_config is None:
         if isinstance(model, PeftModel):
             return  # WeightLoraModel checks the adapter's config
+        if builder is not None:
+            raise ValueError(
+                f"WeightLoRA needs LoRA adapters, and {builder} takes no peft_config to build them from: pass a model "
+                "already wrapped with get_peft_model(model, WeightLoraConfig(...)), or subclass "
+                f"wlora_trl.WeightLoraTrainer (a transformers.Trainer that takes peft_config=) instead of {builder}."
+            )
         raise ValueError(
             "WeightLoRA needs LoRA adapters: pass peft_config=WeightLoraConfig(...), or a model already wrapped "
             "with get_peft_model(model, WeightLoraConfig(...))."
@@ -107,13 +115,23 @@ def _check_training_args(args: Any) -> None:
         )
 
 
+def _parent_trainer(cls: type) -> type:
+    """The trainer after `WeightLoraMixin` in the MRO of `cls` (the one the mixin's arguments go to)."""
+    mro = cls.__mro__
+    return mro[mro.index(WeightLoraMixin) + 1]
+
+
+def _takes_argument(trainer: type, name: str) -> bool:
+    """Whether `trainer.__init__` takes `name`, by name or through **kwargs."""
+    parameters = inspect.signature(trainer.__init__).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def _parent_trainer_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments the mixin passes on, by the names of the trainer after it in the MRO: `DPOTrainer(model,
     ref_model, args)` and `GRPOTrainer(model, reward_funcs, args)` do not take the training arguments second. Empty
     when they do not bind (the parent trainer then raises its own error); its checks run again after it is built."""
-    mro = cls.__mro__
-    parent = mro[mro.index(WeightLoraMixin) + 1]
-    signature = inspect.signature(parent.__init__)
+    signature = inspect.signature(_parent_trainer(cls).__init__)
     try:
         bound = signature.bind(None, *args, **kwargs)  # None: `self`
     except TypeError:
@@ -146,10 +164,18 @@ class WeightLoraMixin:
     _force_mask_mode = False
 
     def __init__(self, *args, **kwargs):
+        parent = _parent_trainer(type(self))
+        builder = None if _takes_argument(parent, "peft_config") else parent.__name__
+        if builder is not None and "peft_config" in kwargs:
+            raise TypeError(
+                f"{builder} takes no peft_config (a transformers.Trainer does not build PEFT models): pass a model "
+                "already wrapped with get_peft_model(model, WeightLoraConfig(...)) and no peft_config, or subclass "
+                f"wlora_trl.WeightLoraTrainer (a transformers.Trainer that takes peft_config=) instead of {builder}."
+            )
         given = _parent_trainer_arguments(type(self), args, kwargs)
         _check_training_args(given.get("args"))
         if given.get("model_init") is None:
-            _check_peft_config(given.get("peft_config"), given.get("model"))
+            _check_peft_config(given.get("peft_config"), given.get("model"), builder)
         with _explained_peft_errors():  # TRL's trainers wrap the model themselves
             super().__init__(*args, **kwargs)
         self._setup_weight_lora()

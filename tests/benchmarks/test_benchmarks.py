@@ -206,7 +206,10 @@ def test_the_committed_quality_study_is_complete():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     progress = subprocess.run([sys.executable, str(QUALITY), "--no_train"], capture_output=True, text=True, env=env)
     assert progress.returncode == 0, progress.stderr[-2000:]
-    records = len(list((results / "quality_runs").glob("*.json")))
+    # The study's records, not the learning-rate grid's other rates beside them (benchmarks/lr_grid.py).
+    rate = result["settings"]["learning_rate"]
+    argvs = [json.loads(path.read_text())["argv"] for path in (results / "quality_runs").glob("*.json")]
+    records = sum(float(argv[argv.index("--learning_rate") + 1]) == rate for argv in argvs)
     assert f"{records} runs recorded; 0 to go" in progress.stdout
     committed_tables = (results / "quality.md").read_text()
     assert committed_tables.strip() in progress.stdout

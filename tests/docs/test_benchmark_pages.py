@@ -219,7 +219,11 @@ def test_benchmarks_page_states_the_quality_studys_numbers(quality):
     settings = study["settings"]
     steps, t = settings["max_steps"], int(settings["selection_steps"])
     records = [json.loads(path.read_text()) for path in (RESULTS / "quality_runs").glob("*.json")]
-    count = len(records)  # the arms' runs and the sweeps' (all of them rendered: nothing is left to go)
+    # The study's runs: the arms' and the sweeps' (all of them rendered: nothing is left to go), at the study's rate;
+    # the learning-rate grid's other rates (benchmarks/lr_grid.py) share the folder.
+    rate = settings["learning_rate"]
+    records = [r for r in records if float(r["argv"][r["argv"].index("--learning_rate") + 1]) == rate]
+    count = len(records)
     first = study["runs"]["weightlora"][0]
     setup = [
         f"{steps} optimizer steps of batch {settings['batch_size']} (max {settings['max_length']} tokens) over the "

@@ -60,8 +60,8 @@ def run_argv(arm: str, rate: float, seed: int, args) -> list[str]:
     return [*argv[:position], str(rate), *argv[position + 1 :]]
 
 
-def finite_loss(record: dict | None) -> float:
-    loss = record["heldout_loss"] if record else float("nan")
+def finite_loss(record: dict) -> float:
+    loss = record["heldout_loss"]
     return loss if math.isfinite(loss) else float("inf")
 
 

@@ -120,13 +120,20 @@ class Engine:
     def load_checkpoint(self, trainer: Any, checkpoint: str, load_weights: Callable[[], None]) -> None:
         """Resume: rebuild the checkpoint's structure (and omega) first, since the Trainer loads adapter weights into
         the current structure, which after the switch has other modules and ranks than a fresh model; then the
-        weights (`load_weights`: the Trainer's own loading). A warm-up checkpoint's adapter file has omega folded in;
-        the unfolded weights beside it are what the run continues from."""
+        weights (`load_weights`: the Trainer's own loading).
+
+        A warm-up checkpoint's adapter file has omega folded in: the run continues from the unfolded weights beside
+        it, unless the engine's own checkpoint files hold them. In mask mode the optimizer exists already (FSDP2 in
+        the Trainer builds it before loading a checkpoint), so a replayed switch edits it; and the adapter file is the
+        rank-r export (WeightLoRA+ allocates 2r), so during the warm-up only the unfolded weights fit."""
         weight_lora = trainer.weight_lora
-        weight_lora.restore(read_selection(checkpoint, hint=RESUME_HINT))
-        load_weights()
-        if not weight_lora.switched:
-            restore_warmup_weights(checkpoint, weight_lora)
+        weight_lora.restore(read_selection(checkpoint, hint=RESUME_HINT), trainer.optimizer if self.mask_mode else None)
+        if weight_lora.switched or self.checkpoint_holds_warmup_weights:
+            load_weights()
+            return
+        if not self.mask_mode:
+            load_weights()
+        restore_warmup_weights(checkpoint, weight_lora)
 
     def after_optimizer_loaded(self, trainer: Any, checkpoint: str) -> None:
         """Resume: after the Trainer loaded the optimizer and scheduler from `checkpoint`."""

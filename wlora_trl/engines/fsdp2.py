@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..state import RESUME_HINT, read_selection
 from .masked import MaskModeEngine
 
 logger = logging.getLogger(__name__)
@@ -78,11 +76,6 @@ class Fsdp2Engine(MaskModeEngine):
             "adapters only."
         )
         keep_loss_in_full_precision(trainer)
-
-    def load_checkpoint(self, trainer: Any, checkpoint: str, load_weights: Callable[[], None]) -> None:
-        """The Trainer's own FSDP files hold the unfolded weights; omega and the phase come from selection.json."""
-        trainer.weight_lora.restore(read_selection(checkpoint, hint=RESUME_HINT), trainer.optimizer)
-        load_weights()
 
 
 def keep_fsdp2_outputs_in_full_precision(fsdp_plugin) -> None:
